@@ -1,0 +1,117 @@
+"""Every TRL internal that gvpo-trl relies on, in one place.
+
+TRL reshapes ``GRPOTrainer``'s private methods between minor releases. The trainers here override a few narrow
+seams and call ``super()``; this module names those seams and the attributes we read, checks the installed TRL at
+import time, and ``tests/test_trl_compat.py`` checks each item so that a TRL upgrade that changes them fails loudly.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from packaging.version import Version
+
+#: The TRL versions the test-suite passes on (keep in step with ``pyproject.toml``).
+SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [min, max)
+
+#: Methods of ``trl.GRPOTrainer`` we override or call, with the leading parameters we pass or receive.
+GRPO_METHODS: dict[str, tuple[str, ...]] = {
+    # called via super(); we post-process its output dict (keys in GRPO_OUTPUT_KEYS)
+    "_generate_and_score_completions": ("self", "inputs"),
+    # called via super(); returns rewards of shape (global batch, num reward funcs), gathered over processes
+    "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    # called via super(); shuffles and splits the generation batch into ``self._buffered_inputs``, which we regroup
+    "_prepare_inputs": ("self", "generation_batch"),
+    # replaced: the loss seam that ``compute_loss`` calls
+    "_compute_loss": ("self", "model", "inputs"),
+    # called: per-token log-probs of the completion tokens
+    "_get_per_token_logps_and_entropies": (
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+    ),
+    # called via super(): checkpoint hooks where the trainer state beside the model is saved / restored
+    "_save_checkpoint": ("self", "model", "trial"),
+    "_load_optimizer_and_scheduler": ("self", "checkpoint"),
+}
+
+#: Keys of the dict returned by ``_generate_and_score_completions`` that we read.
+GRPO_OUTPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+
+#: Optional keys of that dict: present only in some configurations.
+GRPO_OPTIONAL_OUTPUT_KEYS = ("old_per_token_logps", "ref_per_token_logps", "tool_mask", "num_items_in_batch")
+
+#: Attributes of a constructed ``GRPOTrainer`` we read (or, for ``_buffered_inputs``, replace).
+GRPO_ATTRIBUTES = (
+    "_buffered_inputs",  # list of micro-batches for the current generation, indexed by ``_step % steps_per_generation``
+    "_step",  # micro-step counter
+    "_metrics",  # {"train"|"eval": defaultdict(list)}: averaged and logged by ``GRPOTrainer.log``
+    "num_generations",
+    "num_generations_eval",
+    "reward_weights",
+    "beta",
+    "ref_model",
+    "current_gradient_accumulation_steps",  # set by transformers' Trainer in the training loop
+)
+
+#: ``GRPOConfig`` fields whose meaning we depend on.
+GRPO_CONFIG_FIELDS = (
+    "num_generations",
+    "steps_per_generation",
+    "generation_batch_size",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_iterations",
+    "beta",
+    "scale_rewards",
+    "multi_objective_aggregation",
+    "loss_type",
+    "importance_sampling_level",
+    "epsilon",
+    "epsilon_high",
+    "top_entropy_quantile",
+    "entropy_coef",
+    "use_adaptive_entropy",
+    "off_policy_mask_threshold",
+    "shuffle_dataset",
+    "use_vllm",
+)
+
+
+def check_trl_version(version: str | None = None) -> None:
+    """Raise ``ImportError`` unless the installed (or given) TRL version is in ``SUPPORTED_TRL``."""
+    if version is None:
+        import trl
+
+        version = trl.__version__
+    low, high = SUPPORTED_TRL
+    if not low <= Version(version) < high:
+        raise ImportError(
+            f"gvpo-trl supports trl>={low},<{high} but trl {version} is installed: GRPOTrainer's internals that "
+            f"gvpo-trl overrides (see gvpo_trl/_trl_compat.py) change between TRL releases. "
+            f'Install a supported version, e.g. `pip install "trl>={low},<{high}"`.'
+        )
+
+
+def missing_internals() -> list[str]:
+    """Names (with reasons) of the internals above that the installed TRL lacks or has changed. Empty when all is well."""
+    from dataclasses import fields
+
+    from trl import GRPOConfig, GRPOTrainer
+
+    problems = []
+    for name, expected in GRPO_METHODS.items():
+        method = getattr(GRPOTrainer, name, None)
+        if method is None:
+            problems.append(f"GRPOTrainer.{name} is missing")
+            continue
+        params = tuple(inspect.signature(method).parameters)
+        if params[: len(expected)] != expected:
+            problems.append(f"GRPOTrainer.{name}{params} no longer starts with {expected}")
+    config_fields = {f.name for f in fields(GRPOConfig)}
+    problems += [f"GRPOConfig.{name} is missing" for name in GRPO_CONFIG_FIELDS if name not in config_fields]
+    return problems

@@ -1,0 +1,167 @@
+"""What the three trainers share: configuration checks, group ids, raw rewards, whole-group micro-steps, the loss seam.
+
+``GroupTrainer`` subclasses TRL's ``GRPOTrainer`` and overrides only narrow seams (listed in ``_trl_compat``), each
+calling ``super()`` and post-processing its result:
+
+- ``_calculate_rewards``: keeps the raw, process-gathered rewards that TRL computes.
+- ``_generate_and_score_completions``: adds ``group_id`` and ``rewards`` columns and replaces ``advantages`` with the
+  algorithm's own (``compute_advantages``) computed from the raw rewards over whole groups.
+- ``_prepare_inputs``: TRL shuffles rows of the generation batch before splitting it into micro-steps, which scatters
+  groups; the split is redone so that every micro-step holds whole groups.
+- ``_compute_loss``: computes the policy's per-token log-probs and hands them to the algorithm's ``group_loss``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from .groups import aggregate_rewards, count_groups, group_sizes, regroup_batches, zero_variance_groups
+
+
+@dataclass
+class GroupConfig(GRPOConfig):
+    """``GRPOConfig`` plus the checks every group-based trainer here needs. Not used directly."""
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.num_generations is not None and self.num_generations < 2:
+            raise ValueError(
+                f"{name}: num_generations (the group size k) must be at least 2, got {self.num_generations}: a group "
+                "statistic needs two members. Set num_generations >= 2."
+            )
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"{name}: multi_objective_aggregation={self.multi_objective_aggregation!r} is not supported: the "
+                "trainers here compute their own advantages from the weighted sum of the reward functions. Use "
+                "'sum_then_normalize'."
+            )
+        super().__post_init__()
+        if self.steps_per_generation > 1 and self.per_device_train_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"{name}: per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple of "
+                f"num_generations ({self.num_generations}) when steps_per_generation ({self.steps_per_generation}) > 1: "
+                "each micro-step must hold whole groups, and a group cannot span micro-steps. Raise "
+                "per_device_train_batch_size, or set steps_per_generation=1 (then a group may span processes)."
+            )
+
+
+class GroupTrainer(GRPOTrainer):
+    """Base of ``GVPOTrainer``, ``GPGTrainer`` and ``GSPOTrainer``. Subclasses set ``config_class`` and implement
+    ``compute_advantages`` and ``group_loss``; ``metric_prefix`` names their metrics in the logs."""
+
+    config_class: type[GroupConfig] = GroupConfig
+    metric_prefix: str = "group"
+
+    def __init__(self, model, reward_funcs=None, args=None, *extra, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = self.config_class(f"{str(model_name).split('/')[-1]}-{self.metric_prefix.upper()}")
+        if not isinstance(args, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__} (its defaults and checks are part of the "
+                f"algorithm), got {type(args).__name__}. Build one with {self.config_class.__name__}(...)."
+            )
+        self._rewards_per_func: torch.Tensor | None = None
+        super().__init__(model, reward_funcs, args, *extra, **kwargs)
+
+    # --- to implement ----------------------------------------------------------------------------------------------
+
+    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """Per-row advantage from the raw rewards (NaN = unscorable) of the whole, gathered generation batch."""
+        raise NotImplementedError
+
+    def group_loss(
+        self, inputs: dict[str, Any], per_token_logps: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one micro-step (before gradient-accumulation scaling) and metrics to log."""
+        raise NotImplementedError
+
+    # --- seams -----------------------------------------------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        k = self.group_size
+        rewards = aggregate_rewards(self._rewards_per_func, self.reward_weights)
+        # rows arrive in sampler order: the generation batch of all processes holds consecutive groups of k rows
+        group_ids = torch.arange(rewards.numel(), device=rewards.device) // k
+        advantages = self.compute_advantages(rewards, group_ids)
+        local = self._local_slice(len(inputs))
+        output.update(rewards=rewards[local], group_id=group_ids[local], advantages=advantages[local])
+        self._metrics[mode]["groups/zero_variance_frac"].append(
+            zero_variance_groups(rewards, group_ids).float().mean().item()
+        )
+        self._metrics[mode]["groups/unscorable_frac"].append(torch.isnan(rewards).float().mean().item())
+        return output
+
+    def _prepare_inputs(self, generation_batch):
+        before = self._buffered_inputs
+        inputs = super()._prepare_inputs(generation_batch)
+        if self.model.training and self._buffered_inputs is not before:
+            if any(key in self._buffered_inputs[0] for key in ("pixel_values", "num_images")):
+                raise NotImplementedError(f"{type(self).__name__} does not support image inputs yet.")
+            if len(self._buffered_inputs) > 1:
+                self._buffered_inputs = regroup_batches(self._buffered_inputs)
+                inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]
+        return inputs
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
+        )
+        loss, metrics = self.group_loss(inputs, per_token_logps.float(), mask)
+        mode = "train" if self.model.training else "eval"
+        metrics[f"{self.metric_prefix}/loss"] = self.accelerator.gather(loss.detach()).mean().item()
+        entropy = self.accelerator.reduce(
+            torch.stack([(entropies.float() * mask).sum(), mask.sum().float()]).detach(), reduction="sum"
+        )
+        metrics["entropy"] = (entropy[0] / entropy[1].clamp(min=1)).item()
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        # GRPOTrainer tells the HF Trainer that its loss is already scaled for gradient accumulation
+        return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1)
+
+    # --- helpers for group_loss ------------------------------------------------------------------------------------
+
+    @property
+    def group_size(self) -> int:
+        """k of the current mode (TRL's ``num_generations`` in training, ``num_generations_eval`` in evaluation)."""
+        return self.num_generations if self.model.training else self.num_generations_eval
+
+    def _local_slice(self, num_local_rows: int) -> slice:
+        start = self.accelerator.process_index * num_local_rows
+        return slice(start, start + num_local_rows)
+
+    def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (detached) of every process's rows in this micro-step, in process order."""
+        return self.accelerator.gather(values.detach().contiguous())
+
+    def micro_step_groups(self, group_ids: torch.Tensor, expected_size: int | None = None) -> tuple[torch.Tensor, int]:
+        """Group ids of all processes' rows in this micro-step, and the number of groups in it.
+
+        Fails loudly if a group is not whole (has other than ``expected_size`` rows) across the processes.
+        """
+        all_ids = self.gather_rows(group_ids)
+        if expected_size is not None:
+            sizes = group_sizes(all_ids)
+            if (sizes != expected_size).any():
+                raise RuntimeError(
+                    f"{type(self).__name__}: a micro-step holds a partial group (group sizes {sizes.unique().tolist()}, "
+                    f"expected {expected_size}); the group statistic would be wrong. This is a bug in gvpo-trl's "
+                    "group-preserving split: please report it with your batch-size settings."
+                )
+        return all_ids, count_groups(all_ids)

@@ -1,0 +1,208 @@
+"""GVPO: Group Variance Policy Optimization (Zhang et al., arXiv 2504.19599, NeurIPS 2025).
+
+For a prompt x with a group of k completions y_1..y_k, rewards R_i and the implicit reward
+``r_θ(x, y_i) = β · (log π_θ(y_i|x) − log π_θ'(y_i|x))`` (log-probs summed over completion tokens), GVPO minimises
+
+    L_group = 1/(k−1) · Σ_i ½ · [ (r_θ,i − mean_j r_θ,j) − (R_i − R̄) ]²          (paper Eq. 8, MSE form)
+
+with the group mean of r_θ detached, averaged over the groups of the batch. θ' is the policy the step aligns to:
+the rollout policy π_old (the authors' default) or the frozen initial model π_ref (Theorem 1: the unique minimiser
+is then π* ∝ π_ref · exp(R/β)). Its gradient equals that of the weight form
+
+    loss = −β/(k−1) · Σ_i stopgrad(w_i) · log π_θ(y_i),   w_i = (R_i − R̄) − β · (Δ_i − mean_j Δ_j)
+
+with Δ_i = log π_θ(y_i) − log π_θ'(y_i). No ratio, no clipping, no KL term, no importance weights: by Theorem 2 the
+optimum is the same for any sampling distribution that covers π_θ's support, so off-policy samples need no weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .base import GroupConfig, GroupTrainer
+from .groups import group_centered, group_mean, group_sizes, sequence_sum
+
+# --- math (pure functions) ---------------------------------------------------------------------------------------
+
+
+def gvpo_row_losses(
+    seq_logps: torch.Tensor,
+    ref_seq_logps: torch.Tensor,
+    centred_rewards: torch.Tensor,
+    delta_group_mean: torch.Tensor,
+    group_size: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Each row's term of Eq. 8: ``½ [β(Δ_i − Δ̄) − (R_i − R̄)]² / (k − 1)``; rows of groups of size < 2 give 0.
+
+    ``seq_logps`` carries the gradient; ``ref_seq_logps`` (θ'), ``centred_rewards`` (R_i − R̄) and
+    ``delta_group_mean`` (Δ̄ over the whole group under the current θ) are treated as constants.
+    """
+    delta = seq_logps - ref_seq_logps.detach()
+    error = beta * (delta - delta_group_mean.detach()) - centred_rewards.detach()
+    k = group_size.to(seq_logps.dtype)
+    return torch.where(group_size > 1, 0.5 * error**2 / (k - 1).clamp(min=1), torch.zeros_like(error))
+
+
+def gvpo_loss(
+    seq_logps: torch.Tensor, ref_seq_logps: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Eq. 8 averaged over the groups of a batch that holds whole groups (MSE form)."""
+    delta = (seq_logps - ref_seq_logps).detach()
+    rows = gvpo_row_losses(
+        seq_logps,
+        ref_seq_logps,
+        group_centered(rewards, group_ids),
+        group_mean(delta, group_ids),
+        group_sizes(group_ids),
+        beta,
+    )
+    return rows.sum() / torch.unique(group_ids).numel()
+
+
+def gvpo_weights(
+    seq_logps: torch.Tensor, ref_seq_logps: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """``w_i = (R_i − R̄) − β (Δ_i − Δ̄)`` (detached), the per-sequence weight of the policy gradient."""
+    delta = (seq_logps - ref_seq_logps).detach()
+    return group_centered(rewards, group_ids) - beta * (delta - group_mean(delta, group_ids))
+
+
+def gvpo_weight_loss(
+    seq_logps: torch.Tensor, ref_seq_logps: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """The weight form ``−β/(k−1) Σ_i w_i log π_θ(y_i)`` averaged over groups: same gradient as ``gvpo_loss``."""
+    w = gvpo_weights(seq_logps, ref_seq_logps, rewards, group_ids, beta)
+    k = group_sizes(group_ids).to(seq_logps.dtype)
+    rows = torch.where(k > 1, -beta / (k - 1).clamp(min=1) * w * seq_logps, torch.zeros_like(seq_logps))
+    return rows.sum() / torch.unique(group_ids).numel()
+
+
+# --- configuration -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GVPOConfig(GroupConfig):
+    r"""Configuration for [`GVPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the ones below.
+
+    Defaults follow the authors' released setup: β = 0.1, k = 4, θ' = the rollout policy, several optimizer steps per
+    rollout (``steps_per_generation = 4 × gradient_accumulation_steps``, so Δ ≠ 0 after the first), rewards
+    mean-centred and never divided by the std. TRL's clipping (``epsilon``) and ``loss_type`` are not used.
+    """
+
+    gvpo_beta: float = field(
+        default=0.1,
+        metadata={"help": "β of GVPO: scale of the implicit reward β·(log π_θ − log π_θ'). Must be > 0."},
+    )
+    gvpo_reference: str = field(
+        default="rollout",
+        metadata={
+            "help": "The policy θ' the step aligns to: 'rollout' (the policy that generated the batch, the authors' "
+            "default; no reference model is loaded) or 'initial' (a frozen copy of the initial model, Theorem 1; with "
+            "PEFT, the model with its adapter disabled).",
+            "choices": ["rollout", "initial"],
+        },
+    )
+    num_generations: int | None = field(
+        default=4, metadata={"help": "Group size k: completions per prompt (the authors' script uses 4)."}
+    )
+    scale_rewards: str = field(
+        default="none",
+        metadata={"help": "Must stay 'none': GVPO mean-centres rewards within a group and never divides by the std."},
+    )
+
+    def __post_init__(self):
+        if self.gvpo_beta <= 0:
+            raise ValueError(f"GVPOConfig: gvpo_beta must be > 0 (the authors use 0.1), got {self.gvpo_beta}.")
+        if self.gvpo_reference not in ("rollout", "initial"):
+            raise ValueError(
+                f"GVPOConfig: gvpo_reference must be 'rollout' or 'initial', got {self.gvpo_reference!r}."
+            )
+        if self.beta < 0:
+            raise ValueError(f"GVPOConfig: beta must not be negative, got {self.beta}. Leave it at 0.")
+        if self.gvpo_reference == "rollout" and self.beta != 0:
+            raise ValueError(
+                f"GVPOConfig: beta={self.beta} (TRL's KL coefficient) must be 0: GVPO adds no KL term, its "
+                "regularisation strength is gvpo_beta. To align to a frozen reference model instead of the rollout "
+                "policy, set gvpo_reference='initial'."
+            )
+        if self.gvpo_reference == "initial":
+            if self.beta not in (0.0, self.gvpo_beta):
+                raise ValueError(
+                    f"GVPOConfig: with gvpo_reference='initial', leave beta at 0 (it is set to gvpo_beta so that TRL "
+                    f"loads the reference model); got beta={self.beta}, gvpo_beta={self.gvpo_beta}."
+                )
+            # TRL loads the reference model (or disables the PEFT adapter) and computes its log-probs iff beta != 0;
+            # the GVPO loss replaces TRL's, so no KL term is ever added.
+            self.beta = self.gvpo_beta
+        if self.scale_rewards not in ("none", False):
+            raise ValueError(
+                f"GVPOConfig: scale_rewards={self.scale_rewards!r}: GVPO mean-centres rewards and never divides by "
+                "the std (that would change the optimum). Set scale_rewards='none'."
+            )
+        if self.entropy_coef != 0 or self.use_adaptive_entropy:
+            raise ValueError("GVPOConfig: GVPO has no entropy bonus. Set entropy_coef=0 and use_adaptive_entropy=False.")
+        if self.top_entropy_quantile < 1.0:
+            raise ValueError(
+                "GVPOConfig: top_entropy_quantile < 1 masks tokens out of the loss, which breaks the sequence "
+                "log-probability GVPO is defined on. Set top_entropy_quantile=1.0."
+            )
+        if self.off_policy_mask_threshold is not None:
+            raise ValueError(
+                "GVPOConfig: off_policy_mask_threshold drops sequences from the loss; GVPO needs none (Theorem 2). "
+                "Leave it at None."
+            )
+        if self.steps_per_generation is None and self.generation_batch_size is None:
+            self.steps_per_generation = 4 * self.gradient_accumulation_steps  # the authors' 4 updates per rollout
+        super().__post_init__()
+
+
+# --- trainer -------------------------------------------------------------------------------------------------------
+
+
+class GVPOTrainer(GroupTrainer):
+    """Trainer for GVPO. Used exactly like ``trl.GRPOTrainer``, with a [`GVPOConfig`].
+
+    Logged metrics (besides TRL's): ``gvpo/loss``, ``gvpo/mse`` (mean over rows of
+    ``[(r_i − r̄) − (R_i − R̄)]²``), ``gvpo/delta_mean`` and ``gvpo/delta_std`` (the log-ratio Δ), ``gvpo/skipped_groups``
+    (groups of fewer than 2 members), ``groups/zero_variance_frac`` and ``groups/unscorable_frac``.
+    """
+
+    config_class = GVPOConfig
+    metric_prefix = "gvpo"
+
+    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        return group_centered(rewards, group_ids)
+
+    def group_loss(
+        self, inputs: dict[str, Any], per_token_logps: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        beta = self.args.gvpo_beta
+        seq_logps = sequence_sum(per_token_logps, mask)
+        key = "ref_per_token_logps" if self.args.gvpo_reference == "initial" else "old_per_token_logps"
+        # TRL leaves out the rollout log-probs when each rollout gets exactly one optimizer step: then θ' = θ.
+        reference = inputs.get(key)
+        ref_seq_logps = seq_logps.detach() if reference is None else sequence_sum(reference.float(), mask)
+
+        delta = (seq_logps - ref_seq_logps).detach()
+        all_delta = self.gather_rows(delta)
+        all_ids, num_groups = self.micro_step_groups(inputs["group_id"], self.group_size)
+        local = self._local_slice(delta.numel())
+        sizes = group_sizes(all_ids)
+        rows = gvpo_row_losses(
+            seq_logps, ref_seq_logps, inputs["advantages"], group_mean(all_delta, all_ids)[local], sizes[local], beta
+        )
+        # Each process holds its share of the micro-step's groups; DDP averages gradients over processes.
+        loss = rows.sum() * self.accelerator.num_processes / num_groups
+
+        error = beta * (delta - group_mean(all_delta, all_ids)[local]) - inputs["advantages"]
+        all_error = self.gather_rows(error)
+        return loss, {
+            "gvpo/mse": (all_error**2).mean().item(),
+            "gvpo/delta_mean": all_delta.mean().item(),
+            "gvpo/delta_std": all_delta.std().item() if all_delta.numel() > 1 else 0.0,
+            "gvpo/skipped_groups": float(torch.unique(all_ids[sizes < 2]).numel()),
+        }
