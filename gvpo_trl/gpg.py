@@ -80,7 +80,7 @@ def gpg_loss(
         denominator = mask.sum().to(per_token_logps.dtype)
     else:
         denominator = torch.as_tensor(token_normalizer, dtype=per_token_logps.dtype, device=per_token_logps.device)
-    return alpha * total / denominator
+    return alpha * total / denominator.clamp(min=1.0)
 
 
 def truncated_sequence_importance_weight(
@@ -90,7 +90,7 @@ def truncated_sequence_importance_weight(
 
     The sequence log-ratio (a SUM, not length-normalised: the true likelihood ratio of the whole completion) is
     bounded above by ``log cap`` BEFORE the exp, so extreme ratios give ``cap`` (or 0 from below), never inf/NaN.
-    An empty completion gets weight ``min(1, cap)``. ``cap`` must be > 0; ``cap = inf`` bounds at e^-1 · the dtype's max.
+    An empty completion gets weight ``min(1, cap)``. ``cap`` must be > 0; ``cap = inf`` bounds at dtype max / e.
     """
     if not cap > 0:
         raise ValueError(f"cap must be > 0, got {cap}")

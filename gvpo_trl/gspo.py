@@ -23,7 +23,7 @@ LOG_RATIO_BOUND = 20.0
 
 
 def gspo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """``Â_i = (R_i − R̄) / (std + eps)`` with the group ``nanmean`` and unbiased ``nanstd`` (as TRL); NaN → 0. ``(B,)``."""
+    """``Â_i = (R_i − R̄) / (std + eps)``, group ``nanmean`` and unbiased ``nanstd`` (as TRL); NaN → 0. ``(B,)``."""
     return torch.nan_to_num(group_centered(rewards, group_ids) / (group_std(rewards, group_ids) + eps), nan=0.0)
 
 
@@ -90,7 +90,7 @@ def gspo_token_loss(
     ``advantages`` is ``(B,)`` or per token ``(B, T)``. ``s_i,t`` equals ``s_i`` in value and its gradient is
     ``s_i ∇log π_θ(y_i,t)``, so with a per-sequence advantage value and gradient equal :func:`gspo_loss` (also where
     the log-ratio bound is hit: no gradient there in either).
-    ``stats``: ``ratio`` = s_i ``(B,)``; ``is_low_clipped`` / ``is_high_clipped`` per token ``(B, T)``, False on padding.
+    ``stats``: ``ratio`` = s_i ``(B,)``; ``is_low_clipped`` / ``is_high_clipped`` per token ``(B, T)``, False on pads.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)

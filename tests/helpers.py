@@ -1,0 +1,37 @@
+"""Small shared builders for the tests (plain functions; pytest fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from gvpo_trl.toy import build_tiny_model
+
+_MODEL_DIR = os.path.join(tempfile.gettempdir(), "gvpo_trl_tests", "tiny-llama")
+
+
+def tiny_model_path() -> str:
+    """The toy model, built once per machine (same seed -> same weights)."""
+    return build_tiny_model(_MODEL_DIR)
+
+
+def cpu_args(config_cls, output_dir, **overrides):
+    """A config for fast CPU runs on the toy task; ``overrides`` win."""
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=1e-2,
+        max_steps=4,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
