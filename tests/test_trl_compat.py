@@ -1,0 +1,48 @@
+"""The TRL internals gvpo-trl relies on (gvpo_trl/_trl_compat.py) exist with the expected shape."""
+
+import pytest
+import torch
+
+from gvpo_trl import GVPOConfig, GVPOTrainer
+from gvpo_trl._trl_compat import (
+    GRPO_ATTRIBUTES,
+    GRPO_OPTIONAL_OUTPUT_KEYS,
+    GRPO_OUTPUT_KEYS,
+    check_trl_version,
+    missing_internals,
+)
+from gvpo_trl.toy import build_dataset, repeat_letter_reward
+
+from .helpers import cpu_args, tiny_model_path
+
+
+def test_installed_trl_has_every_internal_we_use():
+    assert missing_internals() == []
+
+
+@pytest.mark.parametrize("version", ["1.15.2", "1.17.0", "2.0.0"])
+def test_unsupported_trl_version_fails_loudly(version):
+    with pytest.raises(ImportError, match=r"gvpo-trl supports trl>=1\.16\.0,<1\.17\.0"):
+        check_trl_version(version)
+
+
+def test_supported_version_passes():
+    check_trl_version("1.16.0")
+    check_trl_version("1.16.3")
+
+
+def test_trainer_attributes_and_generation_output_keys(tmp_path):
+    args = cpu_args(GVPOConfig, tmp_path, max_steps=1, steps_per_generation=2)
+    trainer = GVPOTrainer(
+        model=tiny_model_path(), reward_funcs=repeat_letter_reward, args=args, train_dataset=build_dataset(16)
+    )
+    trainer.current_gradient_accumulation_steps = 1  # set by the HF training loop; read by our loss
+    for name in GRPO_ATTRIBUTES:
+        assert hasattr(trainer, name), name
+    batch = next(iter(trainer.get_train_dataloader()))
+    out = trainer._generate_and_score_completions(batch)
+    for key in GRPO_OUTPUT_KEYS:
+        assert isinstance(out[key], torch.Tensor), key
+    assert set(out) - {"rewards", "group_id"} <= set(GRPO_OUTPUT_KEYS) | set(GRPO_OPTIONAL_OUTPUT_KEYS)
+    # TRL's reward gathering returns one row per completion of all processes (here one process)
+    assert trainer._rewards_per_func.shape == (len(batch), 1)
