@@ -43,7 +43,17 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
 GRPO_OUTPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
 
 #: Optional keys of that dict: present only in some configurations.
-GRPO_OPTIONAL_OUTPUT_KEYS = ("old_per_token_logps", "ref_per_token_logps", "tool_mask", "num_items_in_batch")
+GRPO_OPTIONAL_OUTPUT_KEYS = (
+    "old_per_token_logps",
+    "ref_per_token_logps",
+    "tool_mask",
+    "num_items_in_batch",
+    "importance_sampling_ratio",  # vLLM sampling correction, applied by the GPG/GSPO losses as TRL does
+    "sampling_per_token_logps",  # re-padded when GPG joins generation rounds
+)
+
+#: Padding layout of that dict, relied on when batches are concatenated (``gvpo_trl.batching``): ``prompt_*`` tensors
+#: are left-padded; completion-aligned tensors are right-padded (``tool_mask`` with 1, the others with 0 / pad id).
 
 #: Attributes of a constructed ``GRPOTrainer`` we read (or, for ``_buffered_inputs``, replace).
 GRPO_ATTRIBUTES = (
@@ -79,6 +89,9 @@ GRPO_CONFIG_FIELDS = (
     "off_policy_mask_threshold",
     "shuffle_dataset",
     "use_vllm",
+    "delta",
+    "use_bias_correction_kl",
+    "seed",
 )
 
 

@@ -1,4 +1,5 @@
-"""GPG: Group Policy Gradient (arXiv 2504.02546), the loss as plain tensor functions.
+"""GPG: Group Policy Gradient (arXiv 2504.02546): the loss as plain tensor functions, then ``GPGConfig`` and
+``GPGTrainer`` (a ``GroupTrainer``, i.e. a TRL ``GRPOTrainer`` subclass).
 
 Plain REINFORCE with a group-mean baseline: no ratio, no clipping, no reference model, no KL (paper Eq. 5–6), scaled
 by the accurate-gradient-estimate factor ``α = B / (B − M)`` (Eq. 7–8) that undoes the dilution by zero-variance
@@ -10,9 +11,13 @@ Shapes: ``B`` rows (completions), ``T`` completion positions; ``mask`` is 1 on c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from .base import GroupConfig, GroupTrainer
+from .batching import behaviour_logps, concat_generation_outputs, take_rows
 from .groups import group_centered, group_std, sequence_sum, zero_variance_groups
 
 # --- math (pure functions) ---
@@ -98,3 +103,250 @@ def truncated_sequence_importance_weight(
     # 1 nat below the dtype's max: rounding log(max) to the dtype can overflow exp (fp32 gives inf otherwise)
     upper = min(math.log(cap), math.log(torch.finfo(log_ratio.dtype).max) - 1.0)
     return torch.exp(log_ratio.clamp(max=upper)).clamp(max=cap)
+
+
+# --- configuration -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPGConfig(GroupConfig):
+    r"""Configuration for [`GPGTrainer`]: every [`~trl.GRPOConfig`] field, plus the ones below.
+
+    Defaults follow the paper's best setting (Table 1): ``F_norm = 1`` (``scale_rewards='none'``), ``α = B/(B−M)``
+    (``use_age``) and the valid-group threshold ``β_th = 0.6`` (``min_valid_fraction``) with up to 20 generation rounds.
+    GPG is on-policy REINFORCE: ``steps_per_generation`` keeps TRL's default (one generation per optimizer step).
+    TRL's ``loss_type``, ``epsilon``, ``epsilon_high`` and ``importance_sampling_level`` are not used.
+    """
+
+    scale_rewards: str = field(
+        default="none",
+        metadata={
+            "help": "F_norm of Â = (R − R̄)/F_norm: 'none' (F_norm = 1, the paper's default and best) or 'group' "
+            "(the group's std + 1e-4). 'batch' is not supported.",
+        },
+    )
+    use_age: bool = field(
+        default=True,
+        metadata={
+            "help": "Scale the loss by the accurate-gradient-estimate factor α = B/(B−M) (Eq. 7), B groups of which M "
+            "have zero reward variance, counted over all processes in each micro-step. False gives α = 1."
+        },
+    )
+    min_valid_fraction: float = field(
+        default=0.6,
+        metadata={
+            "help": "β_th: when fewer than this fraction of the generation batch's groups have a non-zero reward "
+            "variance, generate further prompts until it is reached (at most max_resample_rounds more rounds), keep "
+            "the valid groups and fill up with zero-variance groups of the last round. 0 disables it."
+        },
+    )
+    max_resample_rounds: int = field(
+        default=20,
+        metadata={"help": "Most extra generation rounds per generation batch for min_valid_fraction (authors: 20)."},
+    )
+    importance_weight_cap: float = field(
+        default=2.0,
+        metadata={
+            "help": "Only used off-policy (steps_per_generation > gradient_accumulation_steps, num_iterations > 1, "
+            "vLLM, or samples reused by the mixed buffer): each such sequence is weighted by min(π_θ(y)/π_old(y), "
+            "cap), truncated importance sampling. Must be > 0."
+        },
+    )
+
+    def __post_init__(self):
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        if self.scale_rewards not in ("none", "group"):
+            raise ValueError(
+                f"GPGConfig: scale_rewards={self.scale_rewards!r} is not supported. Use 'none' (F_norm = 1, the "
+                "paper's default) or 'group' (F_norm = the group's std)."
+            )
+        if self.beta != 0:
+            raise ValueError(
+                f"GPGConfig: beta={self.beta} must be 0: GPG has no reference model and no KL term. Set beta=0."
+            )
+        if not 0.0 <= self.min_valid_fraction <= 1.0:
+            raise ValueError(
+                f"GPGConfig: min_valid_fraction must be in [0, 1] (the paper uses 0.5-0.8; 0 disables resampling), "
+                f"got {self.min_valid_fraction}."
+            )
+        if self.min_valid_fraction > 0 and self.max_resample_rounds < 1:
+            raise ValueError(
+                f"GPGConfig: max_resample_rounds must be >= 1, got {self.max_resample_rounds}. To disable "
+                "resampling, set min_valid_fraction=0."
+            )
+        if not self.importance_weight_cap > 0:
+            raise ValueError(f"GPGConfig: importance_weight_cap must be > 0, got {self.importance_weight_cap}.")
+        if self.entropy_coef != 0 or self.use_adaptive_entropy:
+            raise ValueError("GPGConfig: GPG has no entropy bonus. Set entropy_coef=0 and use_adaptive_entropy=False.")
+        if self.top_entropy_quantile < 1.0:
+            raise ValueError(
+                "GPGConfig: top_entropy_quantile < 1 (masking low-entropy tokens) is not implemented for GPG. Set "
+                "top_entropy_quantile=1.0."
+            )
+        if self.off_policy_mask_threshold is not None:
+            raise ValueError(
+                "GPGConfig: off_policy_mask_threshold is not implemented for GPG (off-policy rows are weighted by "
+                "importance_weight_cap instead). Leave it at None."
+            )
+        super().__post_init__()
+        local_rows = self.per_device_train_batch_size * self.steps_per_generation
+        if self.min_valid_fraction > 0 and local_rows % self.num_generations != 0:
+            raise ValueError(
+                f"GPGConfig: min_valid_fraction > 0 needs each process's generation batch (per_device_train_batch_size "
+                f"× steps_per_generation = {self.per_device_train_batch_size} × {self.steps_per_generation} = "
+                f"{local_rows} rows) to hold whole groups of num_generations={self.num_generations}. Make it a "
+                "multiple of num_generations, or set min_valid_fraction=0."
+            )
+
+
+# --- trainer -------------------------------------------------------------------------------------------------------
+
+
+class GPGTrainer(GroupTrainer):
+    """Trainer for GPG. Used exactly like ``trl.GRPOTrainer``, with a [`GPGConfig`].
+
+    Loss per micro-step: ``α · Σ_{i,t} −log π_θ(y_i,t) · Â_i / N_tokens`` (Eq. 5-8), ``N_tokens`` the completion
+    tokens of the micro-step over all processes (divided by the number of processes, which DDP averages over), so N
+    processes compute the loss of one. Rows generated by an older policy (off-policy settings, vLLM, or members reused
+    by the mixed buffer, against their stored log-probs) are weighted by ``min(π_θ(y)/π_old(y), cap)``, ``cap`` =
+    ``importance_weight_cap``.
+
+    Threshold β_th (``min_valid_fraction``): the extra prompts come from the trainer's own sampler over
+    ``train_dataset``, seeded by ``(seed, global_step)`` and identical on every process, so every process takes the
+    same number of rounds and a resumed run draws the same prompts.
+
+    Logged metrics (besides TRL's): ``gpg/loss``, ``gpg/alpha`` (α of the micro-step), ``gpg/valid_fraction`` ((B−M)/B
+    of the micro-step), ``gpg/resample_rounds`` (extra generation rounds), ``gpg/batch_valid_fraction`` (valid groups
+    in the generation batch that is trained on), ``gpg/importance_weight_mean`` (off-policy only),
+    ``groups/zero_variance_frac`` and ``groups/unscorable_frac`` (per generation round). TRL's ``reward`` is averaged
+    over every round generated.
+    """
+
+    config_class = GPGConfig
+    metric_prefix = "gpg"
+    needs_behaviour_logps = True  # mixed buffer: a reused member is weighted against its stored log-probs
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.min_valid_fraction > 0 and self.train_dataset is not None:
+            from datasets import IterableDataset as HFIterableDataset
+
+            if isinstance(self.train_dataset, (HFIterableDataset, torch.utils.data.IterableDataset)):
+                raise ValueError(
+                    "GPGTrainer: min_valid_fraction > 0 draws extra prompts by index, which an IterableDataset does "
+                    "not allow. Pass a map-style datasets.Dataset, or set min_valid_fraction=0."
+                )
+
+    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        return gpg_advantages(rewards, group_ids, std_normalize=self.args.scale_rewards == "group")
+
+    def group_loss(
+        self, inputs: dict[str, Any], per_token_logps: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        all_ids, num_groups = self.micro_step_groups(inputs["group_id"], self.group_size)
+        all_rewards = self.gather_rows(inputs["rewards"])
+        zero_variance = zero_variance_groups(all_rewards, all_ids)
+        num_zero = int(torch.unique(all_ids[zero_variance]).numel())
+        alpha = age_alpha(num_groups, num_zero) if self.args.use_age else 1.0
+
+        advantages = inputs["advantages"].to(per_token_logps.dtype)
+        if "importance_sampling_ratio" in inputs:  # TRL's vLLM sampling correction, (B, T) or (B, 1)
+            advantages = advantages.unsqueeze(1) * inputs["importance_sampling_ratio"].to(per_token_logps.dtype)
+        metrics = {}
+        weights = None
+        old, off_policy = behaviour_logps(inputs, per_token_logps)
+        if off_policy:  # TRL computes old_per_token_logps only when rows may be off-policy; or mixed-buffer rows
+            weights = truncated_sequence_importance_weight(per_token_logps, old, mask, self.args.importance_weight_cap)
+            metrics["gpg/importance_weight_mean"] = self.gather_rows(weights).mean().item()
+        num_tokens = self.accelerator.reduce(mask.sum().detach().to(per_token_logps.dtype), reduction="sum")
+        loss = gpg_loss(
+            per_token_logps,
+            advantages,
+            mask,
+            alpha,
+            importance_weights=weights,
+            token_normalizer=num_tokens / self.accelerator.num_processes,
+        )
+        metrics["gpg/alpha"] = alpha
+        metrics["gpg/valid_fraction"] = (num_groups - num_zero) / max(num_groups, 1)
+        return loss, metrics
+
+    # --- β_th: generate further prompts until enough groups have a reward variance ---------------------------------
+
+    def _generate_and_score_completions(self, inputs):
+        columns = list(inputs[0]) if inputs else []  # before super(), which may add fields to the rows
+        output = super()._generate_and_score_completions(inputs)
+        if not self.model.training or self.args.min_valid_fraction <= 0:
+            return output
+        return self._fill_valid_groups(inputs, columns, output)
+
+    def _valid_and_zero_groups(self, output: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Row indices of each valid and each zero-variance group of a local output (which holds whole groups)."""
+        ids = output["group_id"]
+        zero = zero_variance_groups(output["rewards"], ids)
+        valid, empty = [], []
+        for gid in torch.unique(ids):
+            rows = (ids == gid).nonzero(as_tuple=True)[0]
+            (empty if zero[rows[0]] else valid).append(rows)
+        return valid, empty
+
+    def _extra_prompts(self, num_global_groups: int):
+        """Yields, per round, this process's rows of ``num_global_groups`` fresh prompts, each repeated k times.
+
+        The order is a permutation of ``train_dataset`` seeded by ``(seed, global_step)``: the same on every process
+        and for a resumed run; a new permutation starts when one is used up.
+        """
+        if self.train_dataset is None:
+            raise ValueError("GPGTrainer: min_valid_fraction > 0 needs a train_dataset to draw extra prompts from.")
+        k = self.group_size
+        size = len(self.train_dataset)
+        generator = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step) + 1)
+        order: list[int] = []
+        local_groups = num_global_groups // self.accelerator.num_processes
+        first = self.accelerator.process_index * local_groups
+        while True:
+            while len(order) < num_global_groups:
+                order += torch.randperm(size, generator=generator).tolist()
+            chosen, order = order[:num_global_groups], order[num_global_groups:]
+            yield [int(i) for i in chosen[first : first + local_groups] for _ in range(k)]
+
+    def _fill_valid_groups(self, inputs, columns, first: dict[str, Any]) -> dict[str, Any]:
+        k = self.group_size
+        local_groups = len(inputs) // k
+        global_groups = local_groups * self.accelerator.num_processes
+        target = math.ceil(self.args.min_valid_fraction * global_groups - 1e-9)
+        device = first["rewards"].device
+
+        def global_kept(count: int) -> int:  # valid groups the assembled batch would hold, over all processes
+            return int(self.accelerator.reduce(torch.tensor(min(count, local_groups), device=device), "sum").item())
+
+        valid, zero = self._valid_and_zero_groups(first)
+        kept = [(0, rows) for rows in valid]
+        reached = global_kept(len(kept))
+        rounds, last, outputs = 0, first, [first]
+        if reached < target:
+            source = self._extra_prompts(global_groups)
+            while reached < target and rounds < self.args.max_resample_rounds:
+                rounds += 1
+                examples = [self.train_dataset[i] for i in next(source)]
+                last = super()._generate_and_score_completions([{key: ex[key] for key in columns} for ex in examples])
+                last["group_id"] = last["group_id"] + rounds * global_groups  # unique across rounds
+                outputs.append(last)
+                valid, zero = self._valid_and_zero_groups(last)
+                kept += [(rounds, rows) for rows in valid]
+                reached = global_kept(len(kept))
+        mode = "train"
+        self._metrics[mode]["gpg/resample_rounds"].append(float(rounds))
+        self._metrics[mode]["gpg/batch_valid_fraction"].append(reached / global_groups)
+        if rounds == 0:
+            return first
+        # valid groups first (at most the batch size), then zero-variance groups of the last round to fill up; the
+        # last round always has enough: the kept valid groups include its own
+        kept = kept[:local_groups]
+        fill = [(rounds, rows) for rows in zero[: local_groups - len(kept)]]
+        parts = [take_rows(outputs[r], rows) for r, rows in kept + fill]
+        pad_id = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
+        batch = concat_generation_outputs(parts, pad_id)
+        loss_mask = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
+        batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        return batch

@@ -1,4 +1,5 @@
-"""GSPO: Group Sequence Policy Optimization (arXiv 2507.18071), the loss as plain tensor functions.
+"""GSPO: Group Sequence Policy Optimization (arXiv 2507.18071): the loss as plain tensor functions, then
+``GSPOConfig`` and ``GSPOTrainer`` (a ``GroupTrainer``, i.e. a TRL ``GRPOTrainer`` subclass).
 
 One length-normalised importance ratio per completion against the behaviour policy, clipped PPO-style and averaged
 over SEQUENCES (paper §4.1: objective J_GSPO, group advantage Â_i, ratio s_i), plus the GSPO-token variant for
@@ -10,9 +11,14 @@ Shapes: ``B`` rows (completions), ``T`` completion positions; ``mask`` is 1 on c
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
-from .groups import group_centered, group_std, sequence_mean
+from .base import GroupConfig, GroupTrainer
+from .batching import behaviour_logps
+from .groups import group_centered, group_std, sequence_mean, zero_variance_groups
 
 # --- math (pure functions) ---
 
@@ -59,10 +65,13 @@ def gspo_loss(
     epsilon_low: float = 3e-4,
     epsilon_high: float = 4e-4,
     bound: float = LOG_RATIO_BOUND,
+    per_token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``−(1/B) Σ_i min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i)``, a mean over the ``B`` sequences given.
 
     ``advantages`` is ``(B,)``. As in TRL, an empty completion contributes 0 but still counts in ``B``.
+    ``per_token_weights`` (optional, detached, ``(B, T)`` or ``(B, 1)``; TRL's vLLM ``importance_sampling_ratio``)
+    multiplies each sequence's term by the sequence mean of its weights, as TRL does before its sequence mean.
     ``stats`` (all detached, per sequence, shape ``(B,)``): ``ratio`` = s_i, ``is_low_clipped`` = s_i < 1−ε_low and
     Â_i < 0, ``is_high_clipped`` = s_i > 1+ε_high and Â_i > 0 (TRL's definitions).
     """
@@ -71,6 +80,8 @@ def gspo_loss(
     ratio = torch.exp(sequence_log_ratio(per_token_logps, old_per_token_logps, mask, bound))
     per_seq, is_low, is_high = _clipped_objective(ratio, advantages, epsilon_low, epsilon_high)
     nonempty = (mask.sum(-1) > 0).to(per_seq.dtype)
+    if per_token_weights is not None:
+        nonempty = nonempty * sequence_mean(per_token_weights.detach().to(per_seq.dtype).expand_as(mask), mask)
     loss = (per_seq * nonempty).mean()
     stats = {"ratio": ratio.detach(), "is_low_clipped": is_low, "is_high_clipped": is_high}
     return loss, stats
@@ -84,12 +95,14 @@ def gspo_token_loss(
     epsilon_low: float = 3e-4,
     epsilon_high: float = 4e-4,
     bound: float = LOG_RATIO_BOUND,
+    per_token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO-token (§4.3): ``s_i,t = sg(s_i) · π_θ(y_i,t) / sg(π_θ(y_i,t))``, same clip, seq-mean-token-mean.
 
     ``advantages`` is ``(B,)`` or per token ``(B, T)``. ``s_i,t`` equals ``s_i`` in value and its gradient is
     ``s_i ∇log π_θ(y_i,t)``, so with a per-sequence advantage value and gradient equal :func:`gspo_loss` (also where
     the log-ratio bound is hit: no gradient there in either).
+    ``per_token_weights``: as in :func:`gspo_loss` (each token's term is multiplied by its weight).
     ``stats``: ``ratio`` = s_i ``(B,)``; ``is_low_clipped`` / ``is_high_clipped`` per token ``(B, T)``, False on pads.
     """
     if advantages.dim() == 1:
@@ -102,7 +115,166 @@ def gspo_token_loss(
     live = torch.where(mask.bool(), per_token_logps, torch.zeros_like(per_token_logps))
     ratio = torch.exp(log_s.unsqueeze(1) + inside * (live - live.detach()))
     per_token, is_low, is_high = _clipped_objective(ratio, advantages, epsilon_low, epsilon_high)
+    if per_token_weights is not None:
+        per_token = per_token * per_token_weights.detach().to(per_token.dtype)
     loss = sequence_mean(per_token, mask).mean()
     on = mask.bool()
     stats = {"ratio": torch.exp(log_s), "is_low_clipped": is_low & on, "is_high_clipped": is_high & on}
     return loss, stats
+
+
+# --- configuration -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GSPOConfig(GroupConfig):
+    r"""Configuration for [`GSPOTrainer`]: every [`~trl.GRPOConfig`] field, with GSPO's defaults, plus ``gspo_token``.
+
+    Defaults follow the paper: clip range ``ε_low = 3e-4`` (``epsilon``), ``ε_high = 4e-4`` (``epsilon_high``), no KL
+    (``beta = 0``), std-normalised group advantages (``scale_rewards='group'``), a mean over sequences
+    (``loss_type='grpo'``, ``importance_sampling_level='sequence'``, the only values accepted), and each rollout split
+    into four minibatches: ``steps_per_generation = 4 × gradient_accumulation_steps`` when neither it nor
+    ``generation_batch_size`` is set (on-policy GSPO is GRPO).
+    """
+
+    epsilon: float = field(default=3e-4, metadata={"help": "ε_low: lower clip range of s_i (paper: 3e-4)."})
+    epsilon_high: float | None = field(
+        default=4e-4, metadata={"help": "ε_high: upper clip range of s_i (paper: 4e-4). None means = epsilon."}
+    )
+    importance_sampling_level: str = field(
+        default="sequence",
+        metadata={"help": "Must stay 'sequence' (GSPO's ratio is per sequence); see gspo_token for the token variant."},
+    )
+    loss_type: str = field(
+        default="grpo", metadata={"help": "Must stay 'grpo': GSPO averages over sequences, never over tokens."}
+    )
+    scale_rewards: str = field(
+        default="group", metadata={"help": "Must stay 'group': Â_i = (R_i − R̄) / (group std + 1e-4)."}
+    )
+    gspo_token: bool = field(
+        default=False,
+        metadata={
+            "help": "Use GSPO-token (§4.3): per-token ratios s_i,t = sg(s_i)·π_θ(y_t)/sg(π_θ(y_t)), aggregated "
+            "seq-mean-token-mean; for per-token advantages. Equals GSPO for per-sequence advantages."
+        },
+    )
+
+    def __post_init__(self):
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        if self.importance_sampling_level != "sequence":
+            raise ValueError(
+                f"GSPOConfig: importance_sampling_level={self.importance_sampling_level!r}: GSPO's importance ratio "
+                "is per sequence. Leave it at 'sequence'; for the GSPO-token variant set gspo_token=True."
+            )
+        if self.loss_type != "grpo":
+            raise ValueError(
+                f"GSPOConfig: loss_type={self.loss_type!r}: GSPO averages its per-sequence loss over sequences "
+                "(TRL's 'grpo'); token-weighted aggregations weight sequences by their length. Set loss_type='grpo'."
+            )
+        if self.scale_rewards != "group":
+            raise ValueError(
+                f"GSPOConfig: scale_rewards={self.scale_rewards!r}: GSPO's advantage is normalised by the group std. "
+                "Set scale_rewards='group'."
+            )
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if not (0 < self.epsilon < 1 and self.epsilon_high > 0):
+            raise ValueError(
+                f"GSPOConfig: need 0 < epsilon < 1 and epsilon_high > 0 (paper: 3e-4 and 4e-4), got "
+                f"epsilon={self.epsilon}, epsilon_high={self.epsilon_high}."
+            )
+        if self.beta < 0:
+            raise ValueError(f"GSPOConfig: beta (the KL coefficient) must be >= 0, got {self.beta}. GSPO uses 0.")
+        if self.delta is not None:
+            raise ValueError("GSPOConfig: delta (two-sided clipping) is not part of GSPO. Leave it at None.")
+        if self.entropy_coef != 0 or self.use_adaptive_entropy:
+            raise ValueError(
+                "GSPOConfig: GSPO has no entropy bonus. Set entropy_coef=0 and use_adaptive_entropy=False."
+            )
+        if self.top_entropy_quantile < 1.0:
+            raise ValueError(
+                "GSPOConfig: top_entropy_quantile < 1 masks tokens out of the sequence ratio s_i. Set "
+                "top_entropy_quantile=1.0."
+            )
+        if self.off_policy_mask_threshold is not None:
+            raise ValueError(
+                "GSPOConfig: off_policy_mask_threshold is not implemented for GSPO (its clip range already bounds "
+                "off-policy updates). Leave it at None."
+            )
+        if self.steps_per_generation is None and self.generation_batch_size is None:
+            self.steps_per_generation = 4 * self.gradient_accumulation_steps  # the paper's four minibatches
+        super().__post_init__()
+
+
+# --- trainer -------------------------------------------------------------------------------------------------------
+
+
+class GSPOTrainer(GroupTrainer):
+    """Trainer for GSPO. Used exactly like ``trl.GRPOTrainer``, with a [`GSPOConfig`].
+
+    Loss per micro-step: ``−(1/B) Σ_i min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i)`` (paper §4.1) with
+    ``log s_i`` the token mean of ``log π_θ − log π_old`` bounded to ±``LOG_RATIO_BOUND`` before the exp; π_old is the
+    rollout policy (TRL's ``old_per_token_logps``, or the detached current policy when TRL leaves them out because
+    training is exactly on-policy; for a member reused by the mixed buffer, its stored behaviour log-probs). With
+    ``beta > 0``, ``beta ×`` the sequence mean of TRL's k3 KL estimate is added (times s_i under TRL's
+    ``use_bias_correction_kl``). With ``gspo_token`` the GSPO-token loss (§4.3) is used instead. Inside the bound,
+    equal in value and gradient to TRL's ``importance_sampling_level="sequence"``, ``loss_type="grpo"``.
+
+    Logged metrics (besides TRL's): ``gspo/loss``, ``gspo/ratio_mean`` and ``gspo/ratio_std`` (s_i over all processes),
+    ``gspo/clip_ratio/low``, ``gspo/clip_ratio/high``, ``gspo/clip_ratio/region`` (fraction of sequences, or of tokens
+    with ``gspo_token``, clipped), ``gspo/kl`` (when ``beta > 0``), ``groups/zero_variance_frac``,
+    ``groups/unscorable_frac``.
+    """
+
+    config_class = GSPOConfig
+    metric_prefix = "gspo"
+    needs_behaviour_logps = True  # mixed buffer: s_i of a reused member is taken against its stored log-probs
+
+    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        advantages = gspo_advantages(rewards, group_ids)
+        # a constant group gives (R − R̄)/1e-4: exactly 0, unless R̄ has a rounding residue that 1e4 would amplify
+        return torch.where(zero_variance_groups(rewards, group_ids), torch.zeros_like(advantages), advantages)
+
+    def group_loss(
+        self, inputs: dict[str, Any], per_token_logps: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        old, _ = behaviour_logps(inputs, per_token_logps)
+        loss_fn = gspo_token_loss if self.args.gspo_token else gspo_loss
+        loss, stats = loss_fn(
+            per_token_logps,
+            old,
+            inputs["advantages"].to(per_token_logps.dtype),
+            mask,
+            epsilon_low=self.args.epsilon,
+            epsilon_high=self.args.epsilon_high,
+            per_token_weights=inputs.get("importance_sampling_ratio"),  # TRL's vLLM sampling correction
+        )
+        metrics = {}
+        if self.args.beta != 0:
+            ref = inputs["ref_per_token_logps"].to(per_token_logps.dtype)
+            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+            if self.args.use_bias_correction_kl:  # TRL's default: weighted by the (differentiable) s_i
+                per_token_kl = per_token_kl * torch.exp(sequence_log_ratio(per_token_logps, old, mask)).unsqueeze(1)
+            kl = sequence_mean(per_token_kl, mask).mean()
+            loss = loss + self.args.beta * kl
+            metrics["gspo/kl"] = self.gather_rows(kl).mean().item()
+
+        ratios = self.gather_rows(stats["ratio"])
+        low, high = stats["is_low_clipped"].float(), stats["is_high_clipped"].float()
+        if low.dim() == 2:  # per token (GSPO-token): fractions of completion tokens
+            weight = mask.float()
+        else:  # per sequence, as TRL counts them
+            weight = torch.ones_like(low)
+        counts = torch.stack([(low * weight).sum(), (high * weight).sum(), ((low + high) * weight).sum(), weight.sum()])
+        counts = self.accelerator.reduce(counts, reduction="sum")
+        total = counts[3].clamp(min=1)
+        metrics.update(
+            {
+                "gspo/ratio_mean": ratios.mean().item(),
+                "gspo/ratio_std": ratios.std().item() if ratios.numel() > 1 else 0.0,
+                "gspo/clip_ratio/low": (counts[0] / total).item(),
+                "gspo/clip_ratio/high": (counts[1] / total).item(),
+                "gspo/clip_ratio/region": (counts[2] / total).item(),
+            }
+        )
+        return loss, metrics
