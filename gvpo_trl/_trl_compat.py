@@ -18,7 +18,11 @@ SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [min, max)
 GRPO_METHODS: dict[str, tuple[str, ...]] = {
     # called via super(); we post-process its output dict (keys in GRPO_OUTPUT_KEYS)
     "_generate_and_score_completions": ("self", "inputs"),
-    # called via super(); returns rewards of shape (global batch, num reward funcs), gathered over processes
+    # overridden (mixed buffers); super() is called on the fresh rows only. Returns the 8-tuple (prompt_ids,
+    # completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images)
+    "_generate": ("self", "prompts"),
+    # called via super(); returns rewards of shape (global batch, num reward funcs), gathered over processes in process
+    # order; the mixed buffer also calls it on a subset of rows
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
     # called via super(); shuffles and splits the generation batch into ``self._buffered_inputs``, which we regroup
     "_prepare_inputs": ("self", "generation_batch"),
@@ -66,7 +70,18 @@ GRPO_ATTRIBUTES = (
     "beta",
     "ref_model",
     "current_gradient_accumulation_steps",  # set by transformers' Trainer in the training loop
+    "tools",  # the mixed buffer refuses tool use, rollout functions and environments
+    "rollout_func",
+    "environment_factories",
+    "processing_class",
+    "train_dataset",
+    "state",  # state.global_step: the policy version stored with buffered samples
+    "accelerator",
 )
+
+#: Outside TRL: transformers' ``Trainer._get_output_dir(trial=)`` and ``transformers.trainer_utils.PREFIX_CHECKPOINT_DIR``
+#: (where checkpoint state is written), accelerate's ``gather_object`` (concatenates lists in process order), and the
+#: order of TRL's ``RepeatSampler``: each process receives consecutive groups of k rows, in process order.
 
 #: ``GRPOConfig`` fields whose meaning we depend on.
 GRPO_CONFIG_FIELDS = (
@@ -92,6 +107,8 @@ GRPO_CONFIG_FIELDS = (
     "delta",
     "use_bias_correction_kl",
     "seed",
+    "max_completion_length",
+    "remove_unused_columns",
 )
 
 

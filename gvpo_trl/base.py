@@ -9,6 +9,10 @@ calling ``super()`` and post-processing its result:
 - ``_prepare_inputs``: TRL shuffles rows of the generation batch before splitting it into micro-steps, which scatters
   groups; the split is redone so that every micro-step holds whole groups.
 - ``_compute_loss``: computes the policy's per-token log-probs and hands them to the algorithm's ``group_loss``.
+
+``BufferMixin`` (``gvpo_trl/buffer.py``, configured by the ``buffer_*`` fields) adds the mixed buffer through the seams
+``_generate``, ``_calculate_rewards``, ``_generate_and_score_completions`` and the checkpoint hooks: see
+``docs/mixed_buffers.md``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from .buffer import BufferArgs, BufferMixin, check_buffer_config
 from .groups import aggregate_rewards, count_groups, group_sizes, regroup_batches, zero_variance_groups
 
 
 @dataclass
-class GroupConfig(GRPOConfig):
-    """``GRPOConfig`` plus the checks every group-based trainer here needs. Not used directly."""
+class GroupConfig(GRPOConfig, BufferArgs):
+    """``GRPOConfig`` plus the checks every group-based trainer here needs, and the mixed-buffer fields
+    (``buffer_*``, ``external_*``: see ``gvpo_trl.buffer.BufferArgs``). Not used directly."""
 
     def __post_init__(self):
         name = type(self).__name__
@@ -47,9 +53,10 @@ class GroupConfig(GRPOConfig):
                 "each micro-step must hold whole groups, and a group cannot span micro-steps. Raise "
                 "per_device_train_batch_size, or set steps_per_generation=1 (then a group may span processes)."
             )
+        check_buffer_config(self, name)
 
 
-class GroupTrainer(GRPOTrainer):
+class GroupTrainer(BufferMixin, GRPOTrainer):
     """Base of ``GVPOTrainer``, ``GPGTrainer`` and ``GSPOTrainer``. Subclasses set ``config_class`` and implement
     ``compute_advantages`` and ``group_loss``; ``metric_prefix`` names their metrics in the logs."""
 
