@@ -38,6 +38,8 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
         "batch_size",
         "compute_entropy",
     ),
+    # called via super(); its RepeatSampler (attributes shuffle, seed, generator) is wrapped to reseed per epoch
+    "_get_train_sampler": ("self", "dataset"),
     # called via super(): checkpoint hooks where the trainer state beside the model is saved / restored
     "_save_checkpoint": ("self", "model", "trial"),
     "_load_optimizer_and_scheduler": ("self", "checkpoint"),

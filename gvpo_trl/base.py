@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import Sampler
 from trl import GRPOConfig, GRPOTrainer
 
 from .buffer import BufferArgs, BufferMixin, check_buffer_config
@@ -56,6 +57,26 @@ class GroupConfig(GRPOConfig, BufferArgs):
         check_buffer_config(self, name)
 
 
+class EpochSeededSampler(Sampler):
+    """Wraps TRL's ``RepeatSampler`` and reseeds its shuffle with ``seed + epoch`` when the Trainer calls
+    ``set_epoch``. TRL's sampler draws every epoch's order from one running generator, so a run resumed in epoch
+    e > 0 would replay epoch 0's order; with this, epoch e's order depends on e alone and resuming is exact.
+    Epoch 0's order is TRL's own."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        if getattr(self.sampler, "shuffle", False) and self.sampler.seed is not None:
+            self.sampler.generator.manual_seed(self.sampler.seed + epoch)
+
+
 class GroupTrainer(BufferMixin, GRPOTrainer):
     """Base of ``GVPOTrainer``, ``GPGTrainer`` and ``GSPOTrainer``. Subclasses set ``config_class`` and implement
     ``compute_advantages`` and ``group_loss``; ``metric_prefix`` names their metrics in the logs."""
@@ -88,6 +109,9 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
         raise NotImplementedError
 
     # --- seams -----------------------------------------------------------------------------------------------------
+
+    def _get_train_sampler(self, dataset=None):
+        return EpochSeededSampler(super()._get_train_sampler(dataset))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

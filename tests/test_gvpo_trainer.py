@@ -229,3 +229,23 @@ def test_resume_from_checkpoint_continues_bit_for_bit(tmp_path):
     assert losses_resumed[4:] == losses_full[4:]  # exactly
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_resume_in_a_later_epoch_continues_bit_for_bit(tmp_path):
+    # 16 prompts, 8 per generation (2 per optimizer step, 4 steps per generation): an epoch is 8 steps. Resuming at
+    # step 12 (epoch 2) must replay epoch 2's data order, not epoch 1's.
+    common = dict(max_steps=16, steps_per_generation=4, save_strategy="steps", save_steps=12, gvpo_beta=0.5)
+    full = _trainer(tmp_path / "full", num_prompts=16, **common)
+    full.train()
+    losses_full = [h["loss"] for h in full.state.log_history if "loss" in h]
+
+    first = _trainer(tmp_path / "half", num_prompts=16, **common)
+    first.train()
+    resumed = _trainer(tmp_path / "half", num_prompts=16, **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "half" / "checkpoint-12"))
+    losses_resumed = [h["loss"] for h in resumed.state.log_history if "loss" in h]
+
+    assert full.state.epoch == 2.0 and len(losses_full) == 16
+    assert losses_resumed[12:] == losses_full[12:]
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)

@@ -39,6 +39,8 @@ def test_trainer_attributes_and_generation_output_keys(tmp_path):
     trainer.current_gradient_accumulation_steps = 1  # set by the HF training loop; read by our loss
     for name in GRPO_ATTRIBUTES:
         assert hasattr(trainer, name), name
+    inner = trainer._get_train_sampler().sampler  # TRL's RepeatSampler, reseeded per epoch by EpochSeededSampler
+    assert inner.shuffle is True and inner.seed == 0 and isinstance(inner.generator, torch.Generator)
     batch = next(iter(trainer.get_train_dataloader()))
     out = trainer._generate_and_score_completions(batch)
     for key in GRPO_OUTPUT_KEYS:
