@@ -20,6 +20,13 @@ from pathlib import Path
 
 import pytest
 
+# The toy model is tiny: thread start-up costs more than it saves, and 2 threads on a shared 2-core machine run up to
+# 20x slower than 1 (measured). Every test process, and every process it launches (``launch_env``), uses one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory) -> str:

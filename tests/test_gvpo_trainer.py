@@ -203,6 +203,7 @@ def test_degenerate_batches_train_without_nan_and_show_in_metrics(tmp_path):
 def test_seeded_run_raises_the_reward(tmp_path):
     trainer = _trainer(
         tmp_path, per_device_train_batch_size=16, max_completion_length=10, max_steps=240, num_prompts=256,
+        learning_rate=3e-3,
         logging_steps=10,
     )
     trainer.train()
