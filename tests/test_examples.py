@@ -74,10 +74,12 @@ def test_quickstart_smoke(algorithm, toy_model_dir, tmp_path):
 def test_quickstart_learns(toy_model_dir, tmp_path):
     """A short seeded GVPO run raises the held-out reward (sampled before and after with the same seed) clearly.
 
-    A random policy scores ~0.03; a policy that ignores the prompt can score at most 1/8 by repeating one letter.
+    A random policy scores ~0.03; a policy that ignores the prompt scores at most 1/8 (always the same letter).
+    Measured with 400 steps: seed 0 goes 0.031 -> 0.667; seeds 1-3 gain +0.18, +0.42, +0.55 (about 15 s of training
+    on an idle 2-core CPU, 30 s with start-up).
     """
     out = tmp_path / "run"
-    stdout = run_script(toy_model_dir, out, "--max_steps", "300", "--seed", "0", "--logging_steps", "50")
+    stdout = run_script(toy_model_dir, out, "--max_steps", "400", "--seed", "0", "--logging_steps", "50")
     before, after = rewards_printed(stdout)
     assert before < 0.1, before
     assert after > before + 0.15, (before, after)
