@@ -40,6 +40,22 @@ class GroupConfig(GRPOConfig, BufferArgs):
                 f"{name}: num_generations (the group size k) must be at least 2, got {self.num_generations}: a group "
                 "statistic needs two members. Set num_generations >= 2."
             )
+        algorithm = name.removesuffix("Config")
+        # GRPOTrainer's own loss terms that GroupTrainer's loss seam does not carry over
+        if self.entropy_coef != 0 or self.use_adaptive_entropy:
+            raise ValueError(
+                f"{name}: {algorithm} has no entropy bonus. Set entropy_coef=0 and use_adaptive_entropy=False."
+            )
+        if self.top_entropy_quantile < 1.0:
+            raise ValueError(
+                f"{name}: top_entropy_quantile < 1 masks tokens out of the loss, which {algorithm} defines on whole "
+                "completions. Set top_entropy_quantile=1.0."
+            )
+        if self.off_policy_mask_threshold is not None:
+            raise ValueError(
+                f"{name}: off_policy_mask_threshold (TRL's off-policy sequence masking) is not part of {algorithm}; "
+                "off-policy samples are handled by the algorithm itself (see docs/mixed_buffers.md). Leave it at None."
+            )
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError(
                 f"{name}: multi_objective_aggregation={self.multi_objective_aggregation!r} is not supported: the "

@@ -176,18 +176,6 @@ class GPGConfig(GroupConfig):
             )
         if not self.importance_weight_cap > 0:
             raise ValueError(f"GPGConfig: importance_weight_cap must be > 0, got {self.importance_weight_cap}.")
-        if self.entropy_coef != 0 or self.use_adaptive_entropy:
-            raise ValueError("GPGConfig: GPG has no entropy bonus. Set entropy_coef=0 and use_adaptive_entropy=False.")
-        if self.top_entropy_quantile < 1.0:
-            raise ValueError(
-                "GPGConfig: top_entropy_quantile < 1 (masking low-entropy tokens) is not implemented for GPG. Set "
-                "top_entropy_quantile=1.0."
-            )
-        if self.off_policy_mask_threshold is not None:
-            raise ValueError(
-                "GPGConfig: off_policy_mask_threshold is not implemented for GPG (off-policy rows are weighted by "
-                "importance_weight_cap instead). Leave it at None."
-            )
         super().__post_init__()
         local_rows = self.per_device_train_batch_size * self.steps_per_generation
         if self.min_valid_fraction > 0 and local_rows % self.num_generations != 0:

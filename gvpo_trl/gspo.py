@@ -187,20 +187,6 @@ class GSPOConfig(GroupConfig):
             raise ValueError(f"GSPOConfig: beta (the KL coefficient) must be >= 0, got {self.beta}. GSPO uses 0.")
         if self.delta is not None:
             raise ValueError("GSPOConfig: delta (two-sided clipping) is not part of GSPO. Leave it at None.")
-        if self.entropy_coef != 0 or self.use_adaptive_entropy:
-            raise ValueError(
-                "GSPOConfig: GSPO has no entropy bonus. Set entropy_coef=0 and use_adaptive_entropy=False."
-            )
-        if self.top_entropy_quantile < 1.0:
-            raise ValueError(
-                "GSPOConfig: top_entropy_quantile < 1 masks tokens out of the sequence ratio s_i. Set "
-                "top_entropy_quantile=1.0."
-            )
-        if self.off_policy_mask_threshold is not None:
-            raise ValueError(
-                "GSPOConfig: off_policy_mask_threshold is not implemented for GSPO (its clip range already bounds "
-                "off-policy updates). Leave it at None."
-            )
         if self.steps_per_generation is None and self.generation_batch_size is None:
             self.steps_per_generation = 4 * self.gradient_accumulation_steps  # the paper's four minibatches
         super().__post_init__()

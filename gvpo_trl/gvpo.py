@@ -143,18 +143,6 @@ class GVPOConfig(GroupConfig):
                 f"GVPOConfig: scale_rewards={self.scale_rewards!r}: GVPO mean-centres rewards and never divides by "
                 "the std (that would change the optimum). Set scale_rewards='none'."
             )
-        if self.entropy_coef != 0 or self.use_adaptive_entropy:
-            raise ValueError("GVPOConfig: GVPO has no entropy bonus. Set entropy_coef=0 and use_adaptive_entropy=False.")
-        if self.top_entropy_quantile < 1.0:
-            raise ValueError(
-                "GVPOConfig: top_entropy_quantile < 1 masks tokens out of the loss, which breaks the sequence "
-                "log-probability GVPO is defined on. Set top_entropy_quantile=1.0."
-            )
-        if self.off_policy_mask_threshold is not None:
-            raise ValueError(
-                "GVPOConfig: off_policy_mask_threshold drops sequences from the loss; GVPO needs none (Theorem 2). "
-                "Leave it at None."
-            )
         if self.steps_per_generation is None and self.generation_batch_size is None:
             self.steps_per_generation = 4 * self.gradient_accumulation_steps  # the authors' 4 updates per rollout
         super().__post_init__()
