@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from gvpo_trl.toy import build_tiny_model
+from gvpo_trl.toy import build_tiny_model, repeat_letter_reward
 
 _MODEL_DIR = os.path.join(tempfile.gettempdir(), "gvpo_trl_tests", "tiny-llama")
 
@@ -35,3 +35,18 @@ def cpu_args(config_cls, output_dir, **overrides):
     )
     kwargs.update(overrides)
     return config_cls(**kwargs)
+
+
+def flaky_reward(prompts, completions, **kwargs):
+    """Constant for letters a-d (zero-variance groups), None for e-f (unscorable), NaN for g, real for h."""
+    out = []
+    for p, c in zip(prompts, completions):
+        if p[0] in "abcd":
+            out.append(1.0)
+        elif p[0] in "ef":
+            out.append(None)
+        elif p[0] == "g":
+            out.append(float("nan"))
+        else:
+            out.append(repeat_letter_reward([p], [c])[0])
+    return out

@@ -15,7 +15,7 @@ from gvpo_trl.gpg import gpg_advantages
 from gvpo_trl.groups import zero_variance_groups
 from gvpo_trl.toy import LETTERS, build_dataset, repeat_letter_reward
 
-from .helpers import cpu_args, tiny_model_path
+from .helpers import cpu_args, flaky_reward, tiny_model_path
 
 NAN = float("nan")
 
@@ -309,21 +309,6 @@ def test_resampling_in_the_training_loop_logs_rounds(tmp_path):
 
 
 # --- degenerate data, learning -------------------------------------------------------------------------------------
-
-
-def flaky_reward(prompts, completions, **kwargs):
-    """Constant for a-d (zero-variance groups), None for e-f (unscorable), NaN for g, real for h."""
-    out = []
-    for p, c in zip(prompts, completions):
-        if p[0] in "abcd":
-            out.append(1.0)
-        elif p[0] in "ef":
-            out.append(None)
-        elif p[0] == "g":
-            out.append(NAN)
-        else:
-            out.append(repeat_letter_reward([p], [c])[0])
-    return out
 
 
 def test_degenerate_batches_train_without_nan_and_show_in_metrics(tmp_path):

@@ -11,7 +11,7 @@ from gvpo_trl.groups import sequence_sum
 from gvpo_trl.gvpo import gvpo_loss
 from gvpo_trl.toy import build_dataset, repeat_letter_reward
 
-from .helpers import cpu_args, tiny_model_path
+from .helpers import cpu_args, flaky_reward, tiny_model_path
 
 
 class RecordingGVPOTrainer(GVPOTrainer):
@@ -160,21 +160,6 @@ def test_loss_is_scaled_for_gradient_accumulation(tmp_path):
 
 
 # --- degenerate data -----------------------------------------------------------------------------------------------
-
-
-def flaky_reward(prompts, completions, **kwargs):
-    """Constant for letters a-d (zero-variance groups), None for e-f (unscorable), NaN for g, real for h."""
-    out = []
-    for p, c in zip(prompts, completions):
-        if p[0] in "abcd":
-            out.append(1.0)
-        elif p[0] in "ef":
-            out.append(None)
-        elif p[0] == "g":
-            out.append(float("nan"))
-        else:
-            out.append(repeat_letter_reward([p], [c])[0])
-    return out
 
 
 def test_degenerate_batches_train_without_nan_and_show_in_metrics(tmp_path):
