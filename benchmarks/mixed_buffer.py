@@ -135,7 +135,7 @@ def run(algorithm, mixed, args, train_dataset, eval_prompts, eval_at_tokens=None
     trainer.train()
     elapsed = time.perf_counter() - start
     final_heldout = heldout_reward(trainer, eval_prompts, args.seed)
-    steps, tokens, rewards, shares = (list(x) for x in zip(*recorder.points))
+    steps, tokens, rewards, shares = (list(x) for x in zip(*recorder.points, strict=False))
     print(f"{name}: {trainer.state.global_step} steps, {tokens[-1]:.0f} generated tokens, {elapsed:.0f} s, "
           f"held-out reward {final_heldout:.3f}", flush=True)  # fmt: skip
     return {"name": name, "steps": steps, "tokens": tokens, "fresh_reward": rewards, "historical_share": shares,
@@ -149,12 +149,12 @@ def compare(fresh, mixed, window, budget=0.6):
 
     def first_reach(run):
         smoothed = trailing_mean(run["fresh_reward"], window)
-        return next((t for i, (t, r) in enumerate(zip(run["tokens"], smoothed))
+        return next((t for i, (t, r) in enumerate(zip(run["tokens"], smoothed, strict=False))
                      if i + 1 >= window and r >= target - 1e-9), None)  # fmt: skip
 
     smoothed = trailing_mean(mixed["fresh_reward"], window)
     reached = first_reach(mixed)
-    at_budget = [r for t, r in zip(mixed["tokens"], smoothed) if t <= budget * fresh_tokens]
+    at_budget = [r for t, r in zip(mixed["tokens"], smoothed, strict=False) if t <= budget * fresh_tokens]
     return {
         "target": target,
         "fresh_tokens": fresh_tokens,
@@ -176,7 +176,7 @@ def plot(results, comparisons, path, window):
 
     algorithms = list(comparisons)
     fig, axes = plt.subplots(1, len(algorithms), figsize=(6 * len(algorithms), 4.2), squeeze=False)
-    for ax, algorithm in zip(axes[0], algorithms):
+    for ax, algorithm in zip(axes[0], algorithms, strict=False):
         c = comparisons[algorithm]
         for kind, color in (("fresh", "tab:blue"), ("mixed", "tab:orange")):
             r = results[f"{algorithm}-{kind}"]
@@ -229,14 +229,22 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1200, help="optimizer steps of the fresh-only runs")
     parser.add_argument("--mixed-steps", type=int, default=None, help="steps of the mixed runs (2 × --steps)")
     parser.add_argument("--history", type=float, default=0.5, help="buffer_history_per_group of the mixed runs")
-    parser.add_argument("--max-staleness", type=int, default=256,
-                        help="buffer_max_staleness: with 512 prompts and 4 per step a prompt recurs every ~128 steps")
+    parser.add_argument(
+        "--max-staleness",
+        type=int,
+        default=256,
+        help="buffer_max_staleness: with 512 prompts and 4 per step a prompt recurs every ~128 steps",
+    )
     parser.add_argument("--num-prompts", type=int, default=512, help="training prompts (the quickstart's 512)")
     parser.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts")
     parser.add_argument("--window", type=int, default=25, help="generations in a trailing mean")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is much faster for this tiny model on a busy machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 is much faster for this tiny model on a busy machine)",
+    )
     parser.add_argument("--output-dir", default="outputs/mixed_buffer")
     parser.add_argument("--replot", metavar="JSON", help="redo the table and plot from a saved mixed_buffer.json")
     args = parser.parse_args(argv)

@@ -81,7 +81,8 @@ GRPO_ATTRIBUTES = (
     "accelerator",
 )
 
-#: Outside TRL: transformers' ``Trainer._get_output_dir(trial=)`` and ``transformers.trainer_utils.PREFIX_CHECKPOINT_DIR``
+#: Outside TRL: transformers' ``Trainer._get_output_dir(trial=)`` and
+#: ``transformers.trainer_utils.PREFIX_CHECKPOINT_DIR``
 #: (where checkpoint state is written), accelerate's ``gather_object`` (concatenates lists in process order), and the
 #: order of TRL's ``RepeatSampler``: each process receives consecutive groups of k rows, in process order.
 
@@ -130,7 +131,8 @@ def check_trl_version(version: str | None = None) -> None:
 
 
 def missing_internals() -> list[str]:
-    """Names (with reasons) of the internals above that the installed TRL lacks or has changed. Empty when all is well."""
+    """Names (with reasons) of the internals above that the installed TRL lacks or has changed; empty when all is
+    well."""
     from dataclasses import fields
 
     from trl import GRPOConfig, GRPOTrainer

@@ -10,7 +10,7 @@ calling ``super()`` and post-processing its result:
   groups; the split is redone so that every micro-step holds whole groups.
 - ``_compute_loss``: computes the policy's per-token log-probs and hands them to the algorithm's ``group_loss``.
 
-``BufferMixin`` (``gvpo_trl/buffer.py``, configured by the ``buffer_*`` fields) adds the mixed buffer through the seams
+``BufferMixin`` (``gvpo_trl/buffer/``, configured by the ``buffer_*`` fields) adds the mixed buffer through the seams
 ``_generate``, ``_calculate_rewards``, ``_generate_and_score_completions`` and the checkpoint hooks: see
 ``docs/mixed_buffers.md``.
 """
@@ -18,28 +18,63 @@ calling ``super()`` and post-processing its result:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import Sampler
 from trl import GRPOConfig, GRPOTrainer
 
-from .buffer import BufferArgs, BufferMixin, check_buffer_config
-from .groups import aggregate_rewards, count_groups, group_sizes, regroup_batches, zero_variance_groups
+from .buffer import BufferArgs, BufferMixin, buffer_enabled, check_buffer_config
+from .columns import ADVANTAGES, GROUP_ID, REWARDS
+from .groups import aggregate_rewards, count_groups, group_sizes, zero_variance_groups
+from .rows import regroup_batches
+
+
+def check_whole_groups_per_process(args: Any, name: str, needed_by: str, remedy: str) -> None:
+    """Raise ``ValueError`` unless each process's generation batch (``per_device_train_batch_size ×
+    steps_per_generation`` rows) holds whole groups of ``num_generations``, which ``needed_by`` requires. TRL only
+    checks the global batch, which differs from the local one with several processes."""
+    rows = args.per_device_train_batch_size * args.steps_per_generation
+    if rows % args.num_generations:
+        raise ValueError(
+            f"{name}: {needed_by} needs each process's generation batch (per_device_train_batch_size × "
+            f"steps_per_generation = {args.per_device_train_batch_size} × {args.steps_per_generation} = {rows} rows) "
+            f"to hold whole groups of num_generations={args.num_generations}. Make it a multiple of num_generations, "
+            f"{remedy}."
+        )
 
 
 @dataclass
-class GroupConfig(GRPOConfig, BufferArgs):
-    """``GRPOConfig`` plus the checks every group-based trainer here needs, and the mixed-buffer fields
-    (``buffer_*``, ``external_*``: see ``gvpo_trl.buffer.BufferArgs``). Not used directly."""
+class GroupConfig(BufferArgs, GRPOConfig):
+    """``GRPOConfig`` plus the checks and defaults every group-based trainer here shares, and the mixed-buffer fields
+    (``buffer_*``, ``external_*``: see ``gvpo_trl.buffer.BufferArgs``). Not used directly: a subclass adds its fields,
+    its own checks in :meth:`validate`, and sets :attr:`updates_per_rollout`."""
+
+    #: Optimizer steps per rollout when neither ``steps_per_generation`` nor ``generation_batch_size`` is set:
+    #: ``steps_per_generation = updates_per_rollout × gradient_accumulation_steps``. None keeps TRL's default (1).
+    updates_per_rollout: ClassVar[int | None] = None
+
+    def validate(self) -> None:
+        """The algorithm's own checks (raise ``ValueError`` saying what to change); run before ``GRPOConfig``'s, with
+        ``scale_rewards`` already normalised to a string."""
+
+    def whole_group_needs(self) -> list[tuple[str, str]]:
+        """``(what, remedy)`` for each setting that needs every process's generation batch to hold whole groups."""
+        if buffer_enabled(self):
+            return [("the mixed buffer (the process that holds a group chooses its historical members)",
+                     "or turn the buffer off")]  # fmt: skip
+        return []
 
     def __post_init__(self):
         name = type(self).__name__
+        # TRL accepts booleans for scale_rewards (True = "group"); the checks here compare strings
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
         if self.num_generations is not None and self.num_generations < 2:
             raise ValueError(
                 f"{name}: num_generations (the group size k) must be at least 2, got {self.num_generations}: a group "
                 "statistic needs two members. Set num_generations >= 2."
             )
+        self.validate()
         algorithm = name.removesuffix("Config")
         # GRPOTrainer's own loss terms that GroupTrainer's loss seam does not carry over
         if self.entropy_coef != 0 or self.use_adaptive_entropy:
@@ -62,14 +97,19 @@ class GroupConfig(GRPOConfig, BufferArgs):
                 "trainers here compute their own advantages from the weighted sum of the reward functions. Use "
                 "'sum_then_normalize'."
             )
+        if self.updates_per_rollout and self.steps_per_generation is None and self.generation_batch_size is None:
+            self.steps_per_generation = self.updates_per_rollout * self.gradient_accumulation_steps
         super().__post_init__()
         if self.steps_per_generation > 1 and self.per_device_train_batch_size % self.num_generations != 0:
             raise ValueError(
                 f"{name}: per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple of "
-                f"num_generations ({self.num_generations}) when steps_per_generation ({self.steps_per_generation}) > 1: "
+                f"num_generations ({self.num_generations}) when steps_per_generation ({self.steps_per_generation}) "
+                "> 1: "
                 "each micro-step must hold whole groups, and a group cannot span micro-steps. Raise "
                 "per_device_train_batch_size, or set steps_per_generation=1 (then a group may span processes)."
             )
+        for needed_by, remedy in self.whole_group_needs():
+            check_whole_groups_per_process(self, name, needed_by, remedy)
         check_buffer_config(self, name)
 
 
@@ -142,7 +182,7 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
         group_ids = torch.arange(rewards.numel(), device=rewards.device) // k
         advantages = self.compute_advantages(rewards, group_ids)
         local = self._local_slice(len(inputs))
-        output.update(rewards=rewards[local], group_id=group_ids[local], advantages=advantages[local])
+        output.update({REWARDS: rewards[local], GROUP_ID: group_ids[local], ADVANTAGES: advantages[local]})
         self._metrics[mode]["groups/zero_variance_frac"].append(
             zero_variance_groups(rewards, group_ids).float().mean().item()
         )
@@ -207,7 +247,8 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
             sizes = group_sizes(all_ids)
             if (sizes != expected_size).any():
                 raise RuntimeError(
-                    f"{type(self).__name__}: a micro-step holds a partial group (group sizes {sizes.unique().tolist()}, "
+                    f"{type(self).__name__}: a micro-step holds a partial group (group sizes "
+                    f"{sizes.unique().tolist()}, "
                     f"expected {expected_size}); the group statistic would be wrong. This is a bug in gvpo-trl's "
                     "group-preserving split: please report it with your batch-size settings."
                 )

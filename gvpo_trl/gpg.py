@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from .base import GroupConfig, GroupTrainer
-from .batching import behaviour_logps, concat_generation_outputs, take_rows
+from .columns import behaviour_logps
 from .groups import group_centered, group_std, sequence_sum, zero_variance_groups
+from .rows import concat_generation_outputs, take_rows
 
 # --- math (pure functions) ---
 
@@ -153,8 +154,7 @@ class GPGConfig(GroupConfig):
         },
     )
 
-    def __post_init__(self):
-        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+    def validate(self):
         if self.scale_rewards not in ("none", "group"):
             raise ValueError(
                 f"GPGConfig: scale_rewards={self.scale_rewards!r} is not supported. Use 'none' (F_norm = 1, the "
@@ -176,15 +176,14 @@ class GPGConfig(GroupConfig):
             )
         if not self.importance_weight_cap > 0:
             raise ValueError(f"GPGConfig: importance_weight_cap must be > 0, got {self.importance_weight_cap}.")
-        super().__post_init__()
-        local_rows = self.per_device_train_batch_size * self.steps_per_generation
-        if self.min_valid_fraction > 0 and local_rows % self.num_generations != 0:
-            raise ValueError(
-                f"GPGConfig: min_valid_fraction > 0 needs each process's generation batch (per_device_train_batch_size "
-                f"× steps_per_generation = {self.per_device_train_batch_size} × {self.steps_per_generation} = "
-                f"{local_rows} rows) to hold whole groups of num_generations={self.num_generations}. Make it a "
-                "multiple of num_generations, or set min_valid_fraction=0."
+
+    def whole_group_needs(self):
+        needs = super().whole_group_needs()
+        if self.min_valid_fraction > 0:
+            needs.append(
+                ("min_valid_fraction > 0 (valid groups are counted per process)", "or set min_valid_fraction=0")
             )
+        return needs
 
 
 # --- trainer -------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Group statistics and the group-preserving split: plain tensor functions, no trainer in sight.
+"""Group statistics: plain tensor functions, no trainer in sight.
 
 A batch is a flat list of rows (completions); ``group_ids`` (LongTensor, shape ``(B,)``) names the group (prompt)
 each row belongs to. Rows of one group need not be adjacent, and a batch may hold only part of a group when the
@@ -6,8 +6,6 @@ group spans processes: callers gather the per-row values and ids first, then use
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -34,7 +32,9 @@ def group_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(
         0, inverse, torch.where(valid, values, torch.zeros_like(values))
     )
-    counts = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, inverse, valid.to(values.dtype))
+    counts = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(
+        0, inverse, valid.to(values.dtype)
+    )
     means = sums / counts  # NaN for a group with no valid value
     return means[inverse]
 
@@ -45,7 +45,9 @@ def group_std(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     valid = ~torch.isnan(values)
     centred = torch.where(valid, values - group_mean(values, group_ids), torch.zeros_like(values))
     sq = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, inverse, centred**2)
-    counts = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, inverse, valid.to(values.dtype))
+    counts = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(
+        0, inverse, valid.to(values.dtype)
+    )
     var = sq / (counts - 1)
     var = torch.where(counts > 1, var, torch.full_like(var, float("nan")))
     return var.sqrt()[inverse]
@@ -84,62 +86,6 @@ def sequence_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def sequence_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(1/|y|) Σ_t x_t`` per row; an empty completion (mask sum 0) gives 0, not NaN."""
     return sequence_sum(per_token, mask) / mask.sum(-1).clamp(min=1).to(per_token.dtype)
-
-
-# --- the group-preserving split -------------------------------------------------------------------------------
-
-
-def _concat(values: list[Any]) -> Any:
-    first = values[0]
-    if first is None:
-        return None
-    if isinstance(first, torch.Tensor):
-        if first.ndim == 0:
-            return first  # batch-level scalar (e.g. TRL's ``num_items_in_batch``): the same in every slice
-        return torch.cat(values, dim=0)
-    if isinstance(first, list):
-        return [item for value in values for item in value]
-    return first
-
-
-def _take(value: Any, index: torch.Tensor) -> Any:
-    if value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
-        return value
-    if isinstance(value, torch.Tensor):
-        return value[index.to(value.device)]
-    if isinstance(value, list):
-        return [value[i] for i in index.tolist()]
-    return value
-
-
-def regroup_batches(
-    batches: list[dict[str, Any]], group_key: str = "group_id", generator: torch.Generator | None = None
-) -> list[dict[str, Any]]:
-    """Re-split ``len(batches)`` micro-batches so that each holds whole groups, in a random order of groups.
-
-    ``batches`` are slices of one shuffled batch (as TRL's ``_prepare_inputs`` leaves them); rows of a group may sit in
-    different slices. The result has the same number of slices and rows per slice; each slice holds whole groups
-    (which requires rows-per-slice to be a multiple of the group size), the groups in a random order.
-    """
-    merged = {key: _concat([batch[key] for batch in batches]) for key in batches[0]}
-    group_ids = merged[group_key]
-    num_slices = len(batches)
-    unique = torch.unique(group_ids)
-    order = unique[torch.randperm(unique.numel(), generator=generator)]
-    # rank of each row's group in the random order, then a stable sort keeps each group's rows together
-    rank = torch.empty_like(unique)
-    rank[torch.searchsorted(unique, order)] = torch.arange(unique.numel(), device=unique.device)
-    row_rank = rank[torch.searchsorted(unique, group_ids)]
-    index = torch.sort(row_rank, stable=True).indices
-    rows = group_ids.numel()
-    if rows % num_slices:
-        raise ValueError(f"{rows} rows cannot be split into {num_slices} equal micro-batches")
-    per_slice = rows // num_slices
-    out = []
-    for s in range(num_slices):
-        idx = index[s * per_slice : (s + 1) * per_slice]
-        out.append({key: _take(value, idx) for key, value in merged.items()})
-    return out
 
 
 def aggregate_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

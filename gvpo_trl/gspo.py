@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .base import GroupConfig, GroupTrainer
-from .batching import behaviour_logps
+from .columns import behaviour_logps
 from .groups import group_centered, group_std, sequence_mean, zero_variance_groups
 
 # --- math (pure functions) ---
@@ -159,8 +159,9 @@ class GSPOConfig(GroupConfig):
         },
     )
 
-    def __post_init__(self):
-        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+    updates_per_rollout = 4  # the paper's four minibatches per rollout
+
+    def validate(self):
         if self.importance_sampling_level != "sequence":
             raise ValueError(
                 f"GSPOConfig: importance_sampling_level={self.importance_sampling_level!r}: GSPO's importance ratio "
@@ -187,9 +188,6 @@ class GSPOConfig(GroupConfig):
             raise ValueError(f"GSPOConfig: beta (the KL coefficient) must be >= 0, got {self.beta}. GSPO uses 0.")
         if self.delta is not None:
             raise ValueError("GSPOConfig: delta (two-sided clipping) is not part of GSPO. Leave it at None.")
-        if self.steps_per_generation is None and self.generation_batch_size is None:
-            self.steps_per_generation = 4 * self.gradient_accumulation_steps  # the paper's four minibatches
-        super().__post_init__()
 
 
 # --- trainer -------------------------------------------------------------------------------------------------------

@@ -23,44 +23,49 @@ from typing import Any
 import torch
 
 from .base import GroupConfig, GroupTrainer
-from .groups import group_centered, group_mean, group_sizes, sequence_sum
+from .columns import ADVANTAGES, GROUP_ID
+from .groups import count_groups, group_centered, group_mean, group_sizes, sequence_sum
 
 # --- math (pure functions) ---------------------------------------------------------------------------------------
 
 
-def gvpo_row_losses(
+def gvpo_loss(
     seq_logps: torch.Tensor,
     ref_seq_logps: torch.Tensor,
     centred_rewards: torch.Tensor,
     delta_group_mean: torch.Tensor,
     group_size: torch.Tensor,
     beta: float,
+    num_groups: float,
 ) -> torch.Tensor:
-    """Each row's term of Eq. 8: ``½ [β(Δ_i − Δ̄) − (R_i − R̄)]² / (k − 1)``; rows of groups of size < 2 give 0.
+    """Eq. 8 averaged over groups: ``Σ_i ½ [β(Δ_i − Δ̄) − (R_i − R̄)]² / (k − 1)``, divided by ``num_groups``.
 
-    ``seq_logps`` carries the gradient; ``ref_seq_logps`` (θ'), ``centred_rewards`` (R_i − R̄) and
-    ``delta_group_mean`` (Δ̄ over the whole group under the current θ) are treated as constants.
+    ``seq_logps`` (Σ_t log π_θ) carries the gradient; ``ref_seq_logps`` (θ') and the group statistics are constants.
+    The statistics (``centred_rewards`` R_i − R̄, ``delta_group_mean`` Δ̄ under the current θ, ``group_size`` k, per
+    row) span whole groups, which may be spread over processes: compute them over all rows
+    (:func:`gvpo_group_statistics` for a batch that holds whole groups) and pass this process's rows. Rows of groups
+    of size < 2 give 0. ``num_groups`` is the number of groups the loss averages over (divided by the number of
+    processes when DDP averages gradients over them).
     """
     delta = seq_logps - ref_seq_logps.detach()
     error = beta * (delta - delta_group_mean.detach()) - centred_rewards.detach()
     k = group_size.to(seq_logps.dtype)
-    return torch.where(group_size > 1, 0.5 * error**2 / (k - 1).clamp(min=1), torch.zeros_like(error))
+    rows = torch.where(group_size > 1, 0.5 * error**2 / (k - 1).clamp(min=1), torch.zeros_like(error))
+    return rows.sum() / num_groups
 
 
-def gvpo_loss(
-    seq_logps: torch.Tensor, ref_seq_logps: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor, beta: float
-) -> torch.Tensor:
-    """Eq. 8 averaged over the groups of a batch that holds whole groups (MSE form)."""
+def gvpo_group_statistics(
+    seq_logps: torch.Tensor, ref_seq_logps: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor
+) -> dict[str, Any]:
+    """The group statistics :func:`gvpo_loss` takes, for rows that hold whole groups: R_i − R̄ (NaN rewards give 0),
+    Δ̄ of each row's group, its size, and the number of groups."""
     delta = (seq_logps - ref_seq_logps).detach()
-    rows = gvpo_row_losses(
-        seq_logps,
-        ref_seq_logps,
-        group_centered(rewards, group_ids),
-        group_mean(delta, group_ids),
-        group_sizes(group_ids),
-        beta,
-    )
-    return rows.sum() / torch.unique(group_ids).numel()
+    return {
+        "centred_rewards": group_centered(rewards, group_ids),
+        "delta_group_mean": group_mean(delta, group_ids),
+        "group_size": group_sizes(group_ids),
+        "num_groups": count_groups(group_ids),
+    }
 
 
 def gvpo_weights(
@@ -78,7 +83,7 @@ def gvpo_weight_loss(
     w = gvpo_weights(seq_logps, ref_seq_logps, rewards, group_ids, beta)
     k = group_sizes(group_ids).to(seq_logps.dtype)
     rows = torch.where(k > 1, -beta / (k - 1).clamp(min=1) * w * seq_logps, torch.zeros_like(seq_logps))
-    return rows.sum() / torch.unique(group_ids).numel()
+    return rows.sum() / count_groups(group_ids)
 
 
 # --- configuration -------------------------------------------------------------------------------------------------
@@ -114,13 +119,13 @@ class GVPOConfig(GroupConfig):
         metadata={"help": "Must stay 'none': GVPO mean-centres rewards within a group and never divides by the std."},
     )
 
-    def __post_init__(self):
+    updates_per_rollout = 4  # the authors' 4 optimizer steps per rollout
+
+    def validate(self):
         if self.gvpo_beta <= 0:
             raise ValueError(f"GVPOConfig: gvpo_beta must be > 0 (the authors use 0.1), got {self.gvpo_beta}.")
         if self.gvpo_reference not in ("rollout", "initial"):
-            raise ValueError(
-                f"GVPOConfig: gvpo_reference must be 'rollout' or 'initial', got {self.gvpo_reference!r}."
-            )
+            raise ValueError(f"GVPOConfig: gvpo_reference must be 'rollout' or 'initial', got {self.gvpo_reference!r}.")
         if self.beta < 0:
             raise ValueError(f"GVPOConfig: beta must not be negative, got {self.beta}. Leave it at 0.")
         if self.gvpo_reference == "rollout" and self.beta != 0:
@@ -138,14 +143,11 @@ class GVPOConfig(GroupConfig):
             # TRL loads the reference model (or disables the PEFT adapter) and computes its log-probs iff beta != 0;
             # the GVPO loss replaces TRL's, so no KL term is ever added.
             self.beta = self.gvpo_beta
-        if self.scale_rewards not in ("none", False):
+        if self.scale_rewards != "none":
             raise ValueError(
                 f"GVPOConfig: scale_rewards={self.scale_rewards!r}: GVPO mean-centres rewards and never divides by "
                 "the std (that would change the optimum). Set scale_rewards='none'."
             )
-        if self.steps_per_generation is None and self.generation_batch_size is None:
-            self.steps_per_generation = 4 * self.gradient_accumulation_steps  # the authors' 4 updates per rollout
-        super().__post_init__()
 
 
 # --- trainer -------------------------------------------------------------------------------------------------------
@@ -177,16 +179,23 @@ class GVPOTrainer(GroupTrainer):
 
         delta = (seq_logps - ref_seq_logps).detach()
         all_delta = self.gather_rows(delta)
-        all_ids, num_groups = self.micro_step_groups(inputs["group_id"], self.group_size)
+        all_ids, num_groups = self.micro_step_groups(inputs[GROUP_ID], self.group_size)
         local = self._local_slice(delta.numel())
         sizes = group_sizes(all_ids)
-        rows = gvpo_row_losses(
-            seq_logps, ref_seq_logps, inputs["advantages"], group_mean(all_delta, all_ids)[local], sizes[local], beta
-        )
+        delta_group_mean = group_mean(all_delta, all_ids)[local]
+        centred_rewards = inputs[ADVANTAGES]  # R_i − R̄ over the whole group (compute_advantages)
         # Each process holds its share of the micro-step's groups; DDP averages gradients over processes.
-        loss = rows.sum() * self.accelerator.num_processes / num_groups
+        loss = gvpo_loss(
+            seq_logps,
+            ref_seq_logps,
+            centred_rewards,
+            delta_group_mean,
+            sizes[local],
+            beta,
+            num_groups / self.accelerator.num_processes,
+        )
 
-        error = beta * (delta - group_mean(all_delta, all_ids)[local]) - inputs["advantages"]
+        error = beta * (delta - delta_group_mean) - centred_rewards
         all_error = self.gather_rows(error)
         return loss, {
             "gvpo/mse": (all_error**2).mean().item(),

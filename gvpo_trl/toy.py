@@ -94,4 +94,7 @@ def build_dataset(num_prompts: int = 256, seed: int = 0):
 
 def repeat_letter_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
     """Fraction of the first ``TARGET_LENGTH`` completion characters equal to the prompt's first letter."""
-    return [sum(c == p[0] for c in comp[:TARGET_LENGTH]) / TARGET_LENGTH for p, comp in zip(prompts, completions)]
+    return [
+        sum(c == p[0] for c in comp[:TARGET_LENGTH]) / TARGET_LENGTH
+        for p, comp in zip(prompts, completions, strict=False)
+    ]

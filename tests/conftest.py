@@ -2,7 +2,7 @@
 
 Multi-process tests (``tests/test_distributed.py``) use:
 
-- ``toy_model_dir``: the tiny offline Llama of ``gvpo_trl.toy``, written once per session.
+- ``toy_model_dir``: the tiny offline Llama of ``gvpo_trl.toy`` (``helpers.tiny_model_path``, the one toy-model source).
 - ``torch_extensions_dir``: ONE cache directory for DeepSpeed's JIT-compiled C++ op (``deepspeed_shm_comm``, ~30 s
   to build on 2 cores), shared by every launched process, and the op built in it once before the first DeepSpeed
   launch. Honours ``$TORCH_EXTENSIONS_DIR`` when set (CI can point it at a cached path); otherwise it lives in
@@ -29,10 +29,10 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def toy_model_dir(tmp_path_factory) -> str:
-    from gvpo_trl.toy import build_tiny_model
+def toy_model_dir() -> str:
+    from .helpers import tiny_model_path
 
-    return build_tiny_model(tmp_path_factory.mktemp("toy") / "tiny-llama")
+    return tiny_model_path()
 
 
 def _extensions_root(config, tmp_path_factory) -> Path:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-from gvpo_trl.toy import build_tiny_model, repeat_letter_reward
+from gvpo_trl import TRAINERS
+from gvpo_trl.toy import build_dataset, build_tiny_model, repeat_letter_reward
 
 _MODEL_DIR = os.path.join(tempfile.gettempdir(), "gvpo_trl_tests", "tiny-llama")
 
@@ -37,10 +38,25 @@ def cpu_args(config_cls, output_dir, **overrides):
     return config_cls(**kwargs)
 
 
+def make_trainer(
+    algorithm, output_dir, *, cls=None, reward=repeat_letter_reward, dataset=None, num_prompts=64, **overrides
+):
+    """A trainer of ``algorithm`` (a key of ``gvpo_trl.TRAINERS``, or a ``(config class, trainer class)`` pair) on
+    the toy model and task: ``cls`` replaces the trainer class (a probing subclass), ``dataset`` the toy dataset of
+    ``num_prompts`` prompts, ``overrides`` the config fields of :func:`cpu_args`."""
+    config_cls, trainer_cls = TRAINERS[algorithm] if isinstance(algorithm, str) else algorithm
+    return (cls or trainer_cls)(
+        model=tiny_model_path(),
+        reward_funcs=reward,
+        args=cpu_args(config_cls, output_dir, **overrides),
+        train_dataset=build_dataset(num_prompts) if dataset is None else dataset,
+    )
+
+
 def flaky_reward(prompts, completions, **kwargs):
     """Constant for letters a-d (zero-variance groups), None for e-f (unscorable), NaN for g, real for h."""
     out = []
-    for p, c in zip(prompts, completions):
+    for p, c in zip(prompts, completions, strict=False):
         if p[0] in "abcd":
             out.append(1.0)
         elif p[0] in "ef":

