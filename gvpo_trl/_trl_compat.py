@@ -28,7 +28,8 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
     "_prepare_inputs": ("self", "generation_batch"),
     # replaced: the loss seam that ``compute_loss`` calls
     "_compute_loss": ("self", "model", "inputs"),
-    # called: per-token log-probs of the completion tokens
+    # called: per-token log-probs of the completion tokens, the MoE router loss (compute_aux_loss) and, by keyword, the
+    # multimodal inputs of MULTIMODAL_FORWARD_KEYS
     "_get_per_token_logps_and_entropies": (
         "self",
         "model",
@@ -37,12 +38,29 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
         "logits_to_keep",
         "batch_size",
         "compute_entropy",
+        "compute_aux_loss",
+        "pixel_values",
+        "image_grid_thw",
+        "num_images",
+        "pixel_attention_mask",
+        "spatial_shapes",
+        "num_tiles",
+        "image_sizes",
+        "token_type_ids",
+        "mm_token_type_ids",
+        "image_position_ids",
     ),
     # called via super(); its RepeatSampler (attributes shuffle, seed, generator) is wrapped to reseed per epoch
     "_get_train_sampler": ("self", "dataset"),
     # called via super(): checkpoint hooks where the trainer state beside the model is saved / restored
     "_save_checkpoint": ("self", "model", "trial"),
     "_load_optimizer_and_scheduler": ("self", "checkpoint"),
+    # called via super(): the run identity is checked against the checkpoint before transformers loads it
+    "train": ("self", "resume_from_checkpoint"),
+    # called via super(): the micro-step loss, checked for non-finite values (all processes) before the backward
+    "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
+    # transformers' Trainer, called via super() before each optimizer step: the global gradient norm, checked
+    "_get_grad_norm": ("self", "model", "grad_norm"),
 }
 
 #: Keys of the dict returned by ``_generate_and_score_completions`` that we read.
@@ -58,8 +76,31 @@ GRPO_OPTIONAL_OUTPUT_KEYS = (
     "sampling_per_token_logps",  # re-padded when GPG joins generation rounds
 )
 
-#: Padding layout of that dict, relied on when batches are concatenated (``gvpo_trl.batching``): ``prompt_*`` tensors
-#: are left-padded; completion-aligned tensors are right-padded (``tool_mask`` with 1, the others with 0 / pad id).
+#: Multimodal keys of that dict (vision-language models), forwarded by our loss seam to
+#: ``_get_per_token_logps_and_entropies`` as TRL's own ``_compute_loss`` does. ``pixel_values`` and the per-image
+#: tensors are flat over the images of all rows; ``split_pixel_values_by_grid`` turns them into per-row lists
+#: (``num_images``, ``num_tiles`` are per-row lists already) and ``unsplit_pixel_values_by_grid`` back.
+#: ``token_type_ids`` / ``mm_token_type_ids`` span prompt + completion: ``(B, P + C)``.
+MULTIMODAL_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+#: Functions of ``trl.trainer.utils`` we call: the per-row split of the flat image tensors and its inverse (used where
+#: rows of a generation batch are regrouped or joined across generation rounds).
+TRL_UTILS = ("split_pixel_values_by_grid", "unsplit_pixel_values_by_grid")
+
+#: Padding layout of that dict, relied on when batches are concatenated (``gvpo_trl.rows``): ``prompt_*`` tensors
+#: are left-padded; completion-aligned tensors are right-padded (``tool_mask`` with 1, the others with 0 / pad id);
+#: ``token_type_ids`` / ``mm_token_type_ids`` are the left-padded prompt part followed by the completion part.
 
 #: Attributes of a constructed ``GRPOTrainer`` we read (or, for ``_buffered_inputs``, replace).
 GRPO_ATTRIBUTES = (
@@ -72,11 +113,16 @@ GRPO_ATTRIBUTES = (
     "beta",
     "ref_model",
     "current_gradient_accumulation_steps",  # set by transformers' Trainer in the training loop
+    "aux_loss_enabled",  # MoE: whether the loss adds router_aux_loss_coef × the router load-balancing loss
+    "router_aux_loss_coef",  # the config's value, or the architecture's own when the config leaves it None
     "tools",  # the mixed buffer refuses tool use, rollout functions and environments
     "rollout_func",
     "environment_factories",
     "processing_class",
     "train_dataset",
+    "eval_dataset",
+    "reward_funcs",  # wrapped at construction so that a malformed reward output names its function
+    "reward_func_names",
     "state",  # state.global_step: the policy version stored with buffered samples
     "accelerator",
 )
@@ -112,7 +158,35 @@ GRPO_CONFIG_FIELDS = (
     "seed",
     "max_completion_length",
     "remove_unused_columns",
+    "router_aux_loss_coef",
+    "max_steps",
 )
+
+#: ``GRPOConfig`` fields that configure TRL's own policy loss, which the GVPO and GPG losses replace: a value other
+#: than TRL's default would be silently ignored, so their configs refuse it (GSPO uses the clipping fields itself).
+GRPO_LOSS_FIELDS = ("loss_type", "epsilon", "epsilon_high", "delta", "importance_sampling_level")
+
+
+def grpo_default(name: str):
+    """The default value of the ``GRPOConfig`` field ``name``."""
+    from dataclasses import MISSING, fields
+
+    from trl import GRPOConfig
+
+    field = next(f for f in fields(GRPOConfig) if f.name == name)
+    return field.default_factory() if field.default is MISSING else field.default
+
+
+def refuse_unused_grpo_fields(config, names: tuple[str, ...], why: str) -> None:
+    """Raise ``ValueError`` naming every field of ``names`` whose value differs from ``GRPOConfig``'s default."""
+    changed = {name: getattr(config, name) for name in names if getattr(config, name) != grpo_default(name)}
+    if changed:
+        settings = ", ".join(f"{name}={value!r}" for name, value in changed.items())
+        defaults = ", ".join(f"{name}={grpo_default(name)!r}" for name in changed)
+        raise ValueError(
+            f"{type(config).__name__}: {settings}: {why}, so the value would be silently ignored. Leave "
+            f"{'it' if len(changed) == 1 else 'them'} at TRL's default{'' if len(changed) == 1 else 's'} ({defaults})."
+        )
 
 
 def check_trl_version(version: str | None = None) -> None:
@@ -146,6 +220,9 @@ def missing_internals() -> list[str]:
         params = tuple(inspect.signature(method).parameters)
         if params[: len(expected)] != expected:
             problems.append(f"GRPOTrainer.{name}{params} no longer starts with {expected}")
+    from trl.trainer import utils as trl_utils
+
+    problems += [f"trl.trainer.utils.{name} is missing" for name in TRL_UTILS if not hasattr(trl_utils, name)]
     config_fields = {f.name for f in fields(GRPOConfig)}
     problems += [f"GRPOConfig.{name} is missing" for name in GRPO_CONFIG_FIELDS if name not in config_fields]
     return problems

@@ -17,6 +17,8 @@ calling ``super()`` and post-processing its result:
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,10 +26,12 @@ import torch
 from torch.utils.data import Sampler
 from trl import GRPOConfig, GRPOTrainer
 
+from . import checkpoints
 from .buffer import BufferArgs, BufferMixin, buffer_enabled, check_buffer_config
 from .columns import ADVANTAGES, GROUP_ID, REWARDS
 from .groups import aggregate_rewards, count_groups, group_sizes, zero_variance_groups
 from .rows import regroup_batches
+from .validation import check_dataset, check_finite_fields, check_lengths, check_prompts, checked_reward_function
 
 
 def check_whole_groups_per_process(args: Any, name: str, needed_by: str, remedy: str) -> None:
@@ -74,6 +78,8 @@ class GroupConfig(BufferArgs, GRPOConfig):
                 f"{name}: num_generations (the group size k) must be at least 2, got {self.num_generations}: a group "
                 "statistic needs two members. Set num_generations >= 2."
             )
+        check_finite_fields(self, name)
+        check_lengths(self, name)
         self.validate()
         algorithm = name.removesuffix("Config")
         # GRPOTrainer's own loss terms that GroupTrainer's loss seam does not carry over
@@ -151,6 +157,18 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
             )
         self._rewards_per_func: torch.Tensor | None = None
         super().__init__(model, reward_funcs, args, *extra, **kwargs)
+        name = type(self).__name__
+        check_dataset(self.train_dataset, "train", name)
+        evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+        for split, dataset in evals.items():
+            check_dataset(dataset, split, name)
+        # a malformed reward output must name its function, not fail inside TRL's tensor conversion
+        self.reward_funcs = [
+            func if isinstance(func, torch.nn.Module) else checked_reward_function(func, func_name)
+            for func, func_name in zip(self.reward_funcs, self.reward_func_names, strict=True)
+        ]
+        self._warned_nonfinite_reward = False
+        self._nonfinite_loss = False
 
     # --- to implement ----------------------------------------------------------------------------------------------
 
@@ -166,14 +184,71 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
 
     # --- seams -----------------------------------------------------------------------------------------------------
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint:
+            checkpoints.check_resume(str(checkpoint), checkpoints.run_identity(self), type(self).__name__)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoints.write_run_identity(checkpoints.checkpoint_dir(self, trial), checkpoints.run_identity(self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # every process learns whether any loss is non-finite, so that all stop together, before the backward
+        bad = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
+        if bad.item() > 0:
+            self._stop_nonfinite("loss", loss.detach().item(), processes=int(bad.item()))
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        value = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm) if grad_norm is not None else 0.0
+        if not math.isfinite(value):  # the norm is global: every process sees the same value
+            self._stop_nonfinite("gradient norm", value)
+        return grad_norm
+
+    def _stop_nonfinite(self, what: str, value: float, processes: int = 1) -> None:
+        """Log the non-finite value and stop: HF's logging_nan_inf_filter would show it as a plausible loss."""
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            self.log({f"nonfinite/{what.replace(' ', '_')}": value})
+        raise FloatingPointError(
+            f"{type(self).__name__}: the {what} is {value} at step {self.state.global_step} ({mode}; on {processes} "
+            "process(es)); stopping before it reaches the parameters. Look at the last logged metrics "
+            "(groups/nonfinite_reward_frac, the reward functions' outputs, the learning rate) and resume from the last "
+            "checkpoint with a fix."
+        )
+
     def _get_train_sampler(self, dataset=None):
         return EpochSeededSampler(super()._get_train_sampler(dataset))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        return self._rewards_per_func
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # ±inf (or NaN) counts as unscorable, like None: centred against ±inf, every other member would get ±inf
+        nonfinite = ~torch.isfinite(rewards)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["groups/nonfinite_reward_frac"].append(nonfinite.float().mean().item())
+        if torch.isinf(rewards).any():
+            if not self._warned_nonfinite_reward:
+                self._warned_nonfinite_reward = True
+                warnings.warn(
+                    f"{type(self).__name__}: a reward function returned ±inf; such rewards count as unscorable (like "
+                    "None) and show in groups/nonfinite_reward_frac. Warned once per run.",
+                    stacklevel=2,
+                )
+            rewards = rewards.masked_fill(nonfinite, float("nan"))
+        self._rewards_per_func = rewards
+        return rewards
 
     def _generate_and_score_completions(self, inputs):
+        check_prompts([row["prompt"] for row in inputs], type(self).__name__)
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         k = self.group_size
@@ -192,12 +267,10 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
     def _prepare_inputs(self, generation_batch):
         before = self._buffered_inputs
         inputs = super()._prepare_inputs(generation_batch)
-        if self.model.training and self._buffered_inputs is not before:
-            if any(key in self._buffered_inputs[0] for key in ("pixel_values", "num_images")):
-                raise NotImplementedError(f"{type(self).__name__} does not support image inputs yet.")
-            if len(self._buffered_inputs) > 1:
-                self._buffered_inputs = regroup_batches(self._buffered_inputs)
-                inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]
+        if self.model.training and self._buffered_inputs is not before and len(self._buffered_inputs) > 1:
+            # image tensors (vision-language models) move with their rows: see rows.split_images
+            self._buffered_inputs = regroup_batches(self._buffered_inputs)
+            inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]
         return inputs
 
     def _compute_loss(self, model, inputs):
@@ -207,8 +280,16 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
-        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
+        from ._trl_compat import MULTIMODAL_FORWARD_KEYS
+
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,  # MoE: the router's load-balancing loss, as TRL
+            **{key: inputs.get(key) for key in MULTIMODAL_FORWARD_KEYS},  # vision-language models, as TRL
         )
         loss, metrics = self.group_loss(inputs, per_token_logps.float(), mask)
         mode = "train" if self.model.training else "eval"
@@ -217,9 +298,12 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
             torch.stack([(entropies.float() * mask).sum(), mask.sum().float()]).detach(), reduction="sum"
         )
         metrics["entropy"] = (entropy[0] / entropy[1].clamp(min=1)).item()
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            metrics["aux_loss"] = self.accelerator.gather(aux_loss.detach()).mean().item()
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
-        # GRPOTrainer tells the HF Trainer that its loss is already scaled for gradient accumulation
+        # GRPOTrainer tells the HF Trainer that its loss is already scaled for gradient accumulation (the aux term too)
         return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1)
 
     # --- helpers for group_loss ------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
+from ._trl_compat import GRPO_LOSS_FIELDS, refuse_unused_grpo_fields
 from .base import GroupConfig, GroupTrainer
 from .columns import behaviour_logps
 from .groups import group_centered, group_std, sequence_sum, zero_variance_groups
-from .rows import concat_generation_outputs, take_rows
+from .rows import check_per_row, concat_generation_outputs, merge_images, split_images, take_rows
 
 # --- math (pure functions) ---
 
@@ -106,6 +107,63 @@ def truncated_sequence_importance_weight(
     return torch.exp(log_ratio.clamp(max=upper)).clamp(max=cap)
 
 
+# --- extra prompts from a stream ---------------------------------------------------------------------------------
+
+
+def is_stream(dataset: Any) -> bool:
+    """Whether ``dataset`` is a streaming dataset (no ``len``, no indexing): ``datasets.IterableDataset`` or a torch
+    ``IterableDataset``."""
+    from datasets import IterableDataset as HFIterableDataset
+
+    return isinstance(dataset, (HFIterableDataset, torch.utils.data.IterableDataset))
+
+
+class ExtraPromptStream:
+    """A second, independent pass over a streaming dataset, for GPG's extra generation rounds.
+
+    ``position`` counts the examples read since the start, across passes: when the stream ends, the next pass starts
+    (with ``shuffle``, a ``datasets.IterableDataset`` is reshuffled with ``seed + 1 + pass``, TRL's buffered shuffle;
+    the main training pass uses ``seed``). ``seek(p)`` reads forward to position ``p`` (from the start if ``p`` lies
+    behind), so the examples at a position depend on the position alone: identical on every process, and after a
+    resume. Reading forward costs one read per skipped example (image columns are decoded).
+    """
+
+    def __init__(self, dataset: Any, seed: int, shuffle: bool):
+        self.dataset, self.seed, self.shuffle = dataset, int(seed), shuffle
+        self._restart()
+
+    def _restart(self) -> None:
+        self.position, self.passes, self._read_in_pass = 0, 0, 0
+        self._iterator = self._open()
+
+    def _open(self):
+        dataset = self.dataset
+        from datasets import IterableDataset as HFIterableDataset
+
+        if self.shuffle and isinstance(dataset, HFIterableDataset):
+            dataset = dataset.shuffle(seed=self.seed + 1 + self.passes)
+        return iter(dataset)
+
+    def next(self) -> dict[str, Any]:
+        try:
+            example = next(self._iterator)
+        except StopIteration:
+            if self._read_in_pass == 0:
+                raise ValueError("GPGTrainer: the streaming train_dataset yields no examples.") from None
+            self.passes, self._read_in_pass = self.passes + 1, 0
+            self._iterator = self._open()
+            return self.next()
+        self.position += 1
+        self._read_in_pass += 1
+        return example
+
+    def seek(self, position: int) -> None:
+        if position < self.position:
+            self._restart()
+        while self.position < position:
+            self.next()
+
+
 # --- configuration -------------------------------------------------------------------------------------------------
 
 
@@ -116,7 +174,8 @@ class GPGConfig(GroupConfig):
     Defaults follow the paper's best setting (Table 1): ``F_norm = 1`` (``scale_rewards='none'``), ``α = B/(B−M)``
     (``use_age``) and the valid-group threshold ``β_th = 0.6`` (``min_valid_fraction``) with up to 20 generation rounds.
     GPG is on-policy REINFORCE: ``steps_per_generation`` keeps TRL's default (one generation per optimizer step).
-    TRL's ``loss_type``, ``epsilon``, ``epsilon_high`` and ``importance_sampling_level`` are not used.
+    TRL's ``loss_type``, ``epsilon``, ``epsilon_high``, ``delta`` and ``importance_sampling_level`` are not used and
+    must keep TRL's defaults.
     """
 
     scale_rewards: str = field(
@@ -155,6 +214,12 @@ class GPGConfig(GroupConfig):
     )
 
     def validate(self):
+        refuse_unused_grpo_fields(
+            self,
+            GRPO_LOSS_FIELDS,
+            "GPG replaces TRL's clipped policy loss by plain REINFORCE (no ratio, clipping or loss_type; off-policy "
+            "rows get GPG's own truncated sequence weight, importance_weight_cap)",
+        )
         if self.scale_rewards not in ("none", "group"):
             raise ValueError(
                 f"GPGConfig: scale_rewards={self.scale_rewards!r} is not supported. Use 'none' (F_norm = 1, the "
@@ -200,7 +265,10 @@ class GPGTrainer(GroupTrainer):
 
     Threshold β_th (``min_valid_fraction``): the extra prompts come from the trainer's own sampler over
     ``train_dataset``, seeded by ``(seed, global_step)`` and identical on every process, so every process takes the
-    same number of rounds and a resumed run draws the same prompts.
+    same number of rounds and a resumed run draws the same prompts. For a streaming ``train_dataset``
+    (``datasets.IterableDataset`` or a torch ``IterableDataset``), they come from a second pass over the stream
+    (:class:`ExtraPromptStream`), at a position fixed by ``global_step``: the same on every process and after a resume.
+    Image columns (vision-language models) travel with their rows.
 
     Logged metrics (besides TRL's): ``gpg/loss``, ``gpg/alpha`` (α of the micro-step), ``gpg/valid_fraction`` ((B−M)/B
     of the micro-step), ``gpg/resample_rounds`` (extra generation rounds), ``gpg/batch_valid_fraction`` (valid groups
@@ -215,14 +283,7 @@ class GPGTrainer(GroupTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.args.min_valid_fraction > 0 and self.train_dataset is not None:
-            from datasets import IterableDataset as HFIterableDataset
-
-            if isinstance(self.train_dataset, (HFIterableDataset, torch.utils.data.IterableDataset)):
-                raise ValueError(
-                    "GPGTrainer: min_valid_fraction > 0 draws extra prompts by index, which an IterableDataset does "
-                    "not allow. Pass a map-style datasets.Dataset, or set min_valid_fraction=0."
-                )
+        self._extra_stream: ExtraPromptStream | None = None  # streaming train_dataset: built at the first round
 
     def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         return gpg_advantages(rewards, group_ids, std_normalize=self.args.scale_rewards == "group")
@@ -278,24 +339,34 @@ class GPGTrainer(GroupTrainer):
         return valid, empty
 
     def _extra_prompts(self, num_global_groups: int):
-        """Yields, per round, this process's rows of ``num_global_groups`` fresh prompts, each repeated k times.
+        """Yields, per round, this process's examples of ``num_global_groups`` fresh prompts, each repeated k times.
 
-        The order is a permutation of ``train_dataset`` seeded by ``(seed, global_step)``: the same on every process
-        and for a resumed run; a new permutation starts when one is used up.
+        Map-style ``train_dataset``: a permutation of it seeded by ``(seed, global_step)``, the same on every process
+        and for a resumed run; a new permutation starts when one is used up. Streaming ``train_dataset``: the next
+        examples of :class:`ExtraPromptStream` from position ``global_step × max_resample_rounds × num_global_groups``
+        (a window no generation batch can overrun), read identically by every process.
         """
         if self.train_dataset is None:
             raise ValueError("GPGTrainer: min_valid_fraction > 0 needs a train_dataset to draw extra prompts from.")
         k = self.group_size
+        local_groups = num_global_groups // self.accelerator.num_processes
+        first = self.accelerator.process_index * local_groups
+        if is_stream(self.train_dataset):
+            if self._extra_stream is None:
+                self._extra_stream = ExtraPromptStream(self.train_dataset, self.args.seed, self.args.shuffle_dataset)
+            stream = self._extra_stream
+            stream.seek(int(self.state.global_step) * self.args.max_resample_rounds * num_global_groups)
+            while True:
+                chosen = [stream.next() for _ in range(num_global_groups)]
+                yield [example for example in chosen[first : first + local_groups] for _ in range(k)]
         size = len(self.train_dataset)
         generator = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step) + 1)
         order: list[int] = []
-        local_groups = num_global_groups // self.accelerator.num_processes
-        first = self.accelerator.process_index * local_groups
         while True:
             while len(order) < num_global_groups:
                 order += torch.randperm(size, generator=generator).tolist()
             chosen, order = order[:num_global_groups], order[num_global_groups:]
-            yield [int(i) for i in chosen[first : first + local_groups] for _ in range(k)]
+            yield [self.train_dataset[int(i)] for i in chosen[first : first + local_groups] for _ in range(k)]
 
     def _fill_valid_groups(self, inputs, columns, first: dict[str, Any]) -> dict[str, Any]:
         k = self.group_size
@@ -315,7 +386,7 @@ class GPGTrainer(GroupTrainer):
             source = self._extra_prompts(global_groups)
             while reached < target and rounds < self.args.max_resample_rounds:
                 rounds += 1
-                examples = [self.train_dataset[i] for i in next(source)]
+                examples = next(source)
                 last = super()._generate_and_score_completions([{key: ex[key] for key in columns} for ex in examples])
                 last["group_id"] = last["group_id"] + rounds * global_groups  # unique across rounds
                 outputs.append(last)
@@ -331,9 +402,13 @@ class GPGTrainer(GroupTrainer):
         # last round always has enough: the kept valid groups include its own
         kept = kept[:local_groups]
         fill = [(rounds, rows) for rows in zero[: local_groups - len(kept)]]
+        # image tensors as per-row lists, so that each row's images travel with it
+        outputs = [split_images(output) for output in outputs]
+        for output in outputs:
+            check_per_row(output, output["group_id"].numel())
         parts = [take_rows(outputs[r], rows) for r, rows in kept + fill]
         pad_id = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
-        batch = concat_generation_outputs(parts, pad_id)
+        batch = merge_images(concat_generation_outputs(parts, pad_id))
         loss_mask = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
         batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         return batch

@@ -187,7 +187,10 @@ class GSPOConfig(GroupConfig):
         if self.beta < 0:
             raise ValueError(f"GSPOConfig: beta (the KL coefficient) must be >= 0, got {self.beta}. GSPO uses 0.")
         if self.delta is not None:
-            raise ValueError("GSPOConfig: delta (two-sided clipping) is not part of GSPO. Leave it at None.")
+            raise ValueError(
+                f"GSPOConfig: delta={self.delta!r}: delta (two-sided clipping) is not part of GSPO, so the value would "
+                "be silently ignored. Leave it at TRL's default (delta=None)."
+            )
 
 
 # --- trainer -------------------------------------------------------------------------------------------------------

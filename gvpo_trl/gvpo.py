@@ -95,7 +95,8 @@ class GVPOConfig(GroupConfig):
 
     Defaults follow the authors' released setup: β = 0.1, k = 4, θ' = the rollout policy, several optimizer steps per
     rollout (``steps_per_generation = 4 × gradient_accumulation_steps``, so Δ ≠ 0 after the first), rewards
-    mean-centred and never divided by the std. TRL's clipping (``epsilon``) and ``loss_type`` are not used.
+    mean-centred and never divided by the std. TRL's ``loss_type``, ``epsilon``, ``epsilon_high``, ``delta`` and
+    ``importance_sampling_level`` are not used and must keep TRL's defaults.
     """
 
     gvpo_beta: float = field(
@@ -122,6 +123,11 @@ class GVPOConfig(GroupConfig):
     updates_per_rollout = 4  # the authors' 4 optimizer steps per rollout
 
     def validate(self):
+        from ._trl_compat import GRPO_LOSS_FIELDS, refuse_unused_grpo_fields
+
+        refuse_unused_grpo_fields(
+            self, GRPO_LOSS_FIELDS, "GVPO replaces TRL's clipped policy loss by its own (no ratio, clipping, loss_type)"
+        )
         if self.gvpo_beta <= 0:
             raise ValueError(f"GVPOConfig: gvpo_beta must be > 0 (the authors use 0.1), got {self.gvpo_beta}.")
         if self.gvpo_reference not in ("rollout", "initial"):

@@ -6,6 +6,12 @@ tensors (``completion_ids``, ``completion_mask``, ``old_per_token_logps``, ...) 
 longest completion, 1-D tensors (``advantages``, ``rewards``, ``group_id``) hold one value per row and 0-D tensors
 (``num_items_in_batch``) describe the whole batch. Slices of one call share its widths (:func:`concat_rows`); rows
 taken from several calls must be re-padded before they can be stacked (:func:`concat_generation_outputs`).
+
+Vision-language batches also hold TRL's image tensors, flat over the images of all rows (``pixel_values``,
+``image_grid_thw``, ...; see ``_trl_compat.MULTIMODAL_FORWARD_KEYS``). :func:`split_images` turns them into per-row
+lists with TRL's own ``split_pixel_values_by_grid`` and :func:`merge_images` back (``unsplit_pixel_values_by_grid``),
+so that row operations move each row's images with it; ``token_type_ids`` / ``mm_token_type_ids`` span prompt and
+completion (``(B, P + C)``) and are re-padded on both sides.
 """
 
 from __future__ import annotations
@@ -32,6 +38,40 @@ PAD_VALUES: dict[str, Any] = {
 
 #: ``(B, T)`` keys padded on the left (the prompt side); every other known ``(B, T)`` key is padded on the right.
 LEFT_PADDED = frozenset({"prompt_ids", "prompt_mask"})
+
+#: ``(B, P + C)`` keys spanning the (left-padded) prompt and the (right-padded) completion: padded with 0 on both sides.
+PROMPT_COMPLETION_KEYS = frozenset({"token_type_ids", "mm_token_type_ids"})
+
+
+def split_images(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with its flat image tensors as per-row lists (TRL's ``split_pixel_values_by_grid``); unchanged
+    without images."""
+    from trl.trainer.utils import split_pixel_values_by_grid
+
+    return split_pixel_values_by_grid(batch)
+
+
+def merge_images(batch: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`split_images` (TRL's ``unsplit_pixel_values_by_grid``)."""
+    from trl.trainer.utils import unsplit_pixel_values_by_grid
+
+    return unsplit_pixel_values_by_grid(batch)
+
+
+def check_per_row(batch: dict[str, Any], num_rows: int) -> None:
+    """Raise ``ValueError`` for a tensor or list of ``batch`` that does not hold one entry per row: moving rows would
+    then silently separate it from its rows (e.g. image tensors of a layout :func:`split_images` does not know)."""
+    for key, value in batch.items():
+        if isinstance(value, list) or (isinstance(value, torch.Tensor) and value.ndim > 0):
+            length = len(value)
+        else:
+            continue
+        if length != num_rows:
+            raise ValueError(
+                f"gvpo-trl moves whole groups of rows between micro-steps and generation rounds, but the batch entry "
+                f"{key!r} has {length} entries for {num_rows} rows (an image layout TRL's split_pixel_values_by_grid "
+                "does not split per row?). Please report the model type; a text-only model avoids it."
+            )
 
 
 def take_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
@@ -73,14 +113,35 @@ def pad_to_width(value: torch.Tensor, width: int, pad_value: float, left: bool) 
     return torch.cat([padding, value] if left else [value, padding], dim=1)
 
 
+def _concat_prompt_completion(parts: list[dict[str, Any]], key: str) -> torch.Tensor:
+    """Stack a ``(B, P + C)`` key of several generation outputs: the prompt part (``P`` = the part's ``prompt_ids``
+    width) re-padded on the left, the completion part on the right, both with 0."""
+    halves = []
+    for part in parts:
+        value, width = part[key], part["prompt_ids"].size(1)
+        if value.size(1) != width + part["completion_ids"].size(1):
+            raise ValueError(
+                f"cannot concatenate {key!r} across generation rounds: width {value.size(1)} is not prompt + "
+                f"completion ({width} + {part['completion_ids'].size(1)})."
+            )
+        halves.append((value[:, :width], value[:, width:]))
+    prompt_width = max(p.size(1) for p, _ in halves)
+    completion_width = max(c.size(1) for _, c in halves)
+    return torch.cat(
+        [torch.cat([pad_to_width(p, prompt_width, 0, True), pad_to_width(c, completion_width, 0, False)], 1)
+         for p, c in halves]
+    )  # fmt: skip
+
+
 def concat_generation_outputs(parts: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Stack the rows of several generation outputs into one, re-padding ``(B, T)`` tensors to a common width.
 
     Prompt tensors are re-padded on the left and completion-aligned tensors on the right (see ``PAD_VALUES``), so
-    every row keeps its tokens at the positions TRL's loss expects. 1-D tensors and lists are concatenated; a 0-D
-    tensor is taken from the first part (the caller recomputes batch-level scalars such as ``num_items_in_batch``).
-    Raises ``ValueError`` for a key missing from some part, or a ``(B, T)`` key of unknown padding (e.g. image
-    tensors), rather than guess.
+    every row keeps its tokens at the positions TRL's loss expects; ``PROMPT_COMPLETION_KEYS`` on both sides. 1-D
+    tensors and lists (also the per-row image lists of :func:`split_images`: pass split parts and merge the result)
+    are concatenated; a 0-D tensor is taken from the first part (the caller recomputes batch-level scalars such as
+    ``num_items_in_batch``). Raises ``ValueError`` for a key missing from some part, or a tensor of unknown padding
+    (e.g. image tensors padded per batch), rather than guess.
     """
     if not parts:
         raise ValueError("nothing to concatenate")
@@ -92,7 +153,9 @@ def concat_generation_outputs(parts: list[dict[str, Any]], pad_token_id: int) ->
     for key in keys:
         values = [part[key] for part in parts]
         first = values[0]
-        if isinstance(first, torch.Tensor) and first.ndim == 0:
+        if key in PROMPT_COMPLETION_KEYS and isinstance(first, torch.Tensor) and first.ndim == 2:
+            out[key] = _concat_prompt_completion(parts, key)
+        elif isinstance(first, torch.Tensor) and first.ndim == 0:
             out[key] = first
         elif isinstance(first, torch.Tensor) and first.ndim == 1:
             out[key] = torch.cat(values, dim=0)
@@ -109,7 +172,8 @@ def concat_generation_outputs(parts: list[dict[str, Any]], pad_token_id: int) ->
             shape = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
             raise ValueError(
                 f"cannot concatenate the generation output {key!r} ({shape}) across generation rounds: its padding "
-                "is unknown (image inputs are not supported there)."
+                "is unknown (image tensors that TRL pads per batch, as for Idefics-style models, are not supported "
+                "there). Set min_valid_fraction=0 to train GPG without extra generation rounds."
             )
     return out
 
@@ -121,8 +185,12 @@ def regroup_batches(
 
     ``batches`` are slices of one shuffled batch (as TRL's ``_prepare_inputs`` leaves them); rows of a group may sit in
     different slices. The result has the same number of slices and rows per slice; each slice holds whole groups
-    (which requires rows-per-slice to be a multiple of the group size), the groups in a random order.
+    (which requires rows-per-slice to be a multiple of the group size), the groups in a random order. Image tensors
+    move with their rows (:func:`split_images`); an entry that is not per row raises ``ValueError``.
     """
+    batches = [split_images(batch) for batch in batches]
+    for batch in batches:
+        check_per_row(batch, batch[group_key].numel())
     merged = concat_rows(batches)
     group_ids = merged[group_key]
     num_slices = len(batches)
@@ -137,4 +205,4 @@ def regroup_batches(
     if rows % num_slices:
         raise ValueError(f"{rows} rows cannot be split into {num_slices} equal micro-batches")
     per_slice = rows // num_slices
-    return [take_rows(merged, index[s * per_slice : (s + 1) * per_slice]) for s in range(num_slices)]
+    return [merge_images(take_rows(merged, index[s * per_slice : (s + 1) * per_slice])) for s in range(num_slices)]

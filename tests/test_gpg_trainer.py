@@ -63,10 +63,13 @@ def test_resampling_needs_whole_groups_on_each_process(monkeypatch):
     assert GPGConfig(**common, min_valid_fraction=0).generation_batch_size == 12  # fine without resampling
 
 
-def test_resampling_refuses_an_iterable_dataset(tmp_path):
+def test_resampling_accepts_a_streaming_dataset(tmp_path):
+    # extra prompts come from a second pass over the stream (tests/test_trl_parity.py trains on one)
     stream = IterableDataset.from_generator(lambda: iter({"prompt": p} for p in build_dataset(16)["prompt"]))
-    with pytest.raises(ValueError, match="IterableDataset.*set min_valid_fraction=0"):
-        _trainer(tmp_path, dataset=stream, max_steps=1)
+    trainer = _trainer(tmp_path, dataset=stream, max_steps=1)
+    trainer.state.global_step = 0
+    rows = next(trainer._extra_prompts(4))
+    assert len(rows) == 16 and {row["prompt"] for row in rows} <= set(build_dataset(16)["prompt"])
 
 
 # --- the loss of one micro-step -------------------------------------------------------------------------------------

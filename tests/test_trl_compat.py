@@ -48,3 +48,42 @@ def test_trainer_attributes_and_generation_output_keys(tmp_path):
     assert set(out) - {"rewards", "group_id"} <= set(GRPO_OUTPUT_KEYS) | set(GRPO_OPTIONAL_OUTPUT_KEYS)
     # TRL's reward gathering returns one row per completion of all processes (here one process)
     assert trainer._rewards_per_func.shape == (len(batch), 1)
+
+
+def test_loss_seam_forwards_every_input_trls_loss_forwards():
+    # every batch key TRL's own _compute_loss reads is either forwarded by ours (multimodal inputs) or read by the
+    # algorithms' losses; a TRL upgrade that forwards a new key (a new vision model) fails here
+    import inspect
+    import re
+
+    from trl import GRPOTrainer
+
+    from gvpo_trl._trl_compat import MULTIMODAL_FORWARD_KEYS
+
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    read = set(re.findall(r'inputs\.get\("(\w+)"\)', source)) | set(re.findall(r'inputs\["(\w+)"\]', source))
+    ours = set(MULTIMODAL_FORWARD_KEYS) | set(GRPO_OUTPUT_KEYS) | set(GRPO_OPTIONAL_OUTPUT_KEYS)
+    assert read - ours == set()
+    assert set(MULTIMODAL_FORWARD_KEYS) <= read
+    params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    assert set(MULTIMODAL_FORWARD_KEYS) | {"compute_aux_loss"} <= set(params)
+
+
+def test_loss_fields_refused_at_trls_defaults():
+    from gvpo_trl._trl_compat import GRPO_LOSS_FIELDS, grpo_default
+
+    defaults = {name: grpo_default(name) for name in GRPO_LOSS_FIELDS}
+    assert defaults == {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": None, "delta": None,
+                        "importance_sampling_level": "token"}  # fmt: skip
+
+
+def test_trl_splits_images_per_row_as_we_rely_on():
+    from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
+
+    batch = {"num_images": [1, 2], "pixel_values": torch.arange(12.0).reshape(6, 2),
+             "image_grid_thw": torch.tensor([[1, 1, 2], [1, 1, 1], [1, 1, 3]])}  # fmt: skip
+    split = split_pixel_values_by_grid(batch)
+    assert [p.size(0) for p in split["pixel_values"]] == [2, 4] and len(split["image_grid_thw"]) == 2
+    merged = unsplit_pixel_values_by_grid(split)
+    assert torch.equal(merged["pixel_values"], batch["pixel_values"])
+    assert torch.equal(merged["image_grid_thw"], batch["image_grid_thw"])
