@@ -204,24 +204,27 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
         # every process learns whether any loss is non-finite, so that all stop together, before the backward
         bad = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
         if bad.item() > 0:
-            self._stop_nonfinite("loss", loss.detach().item(), processes=int(bad.item()))
+            world = self.accelerator.num_processes
+            self._stop_nonfinite(
+                "loss", loss.detach().item(), f"non-finite on {int(bad.item())} of {world} process(es)"
+            )
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm)
         value = float(grad_norm.item() if hasattr(grad_norm, "item") else grad_norm) if grad_norm is not None else 0.0
         if not math.isfinite(value):  # the norm is global: every process sees the same value
-            self._stop_nonfinite("gradient norm", value)
+            self._stop_nonfinite("gradient norm", value, str(value))
         return grad_norm
 
-    def _stop_nonfinite(self, what: str, value: float, processes: int = 1) -> None:
+    def _stop_nonfinite(self, what: str, value: float, state: str) -> None:
         """Log the non-finite value and stop: HF's logging_nan_inf_filter would show it as a plausible loss."""
         mode = "train" if self.model.training else "eval"
         if mode == "train":
             self.log({f"nonfinite/{what.replace(' ', '_')}": value})
         raise FloatingPointError(
-            f"{type(self).__name__}: the {what} is {value} at step {self.state.global_step} ({mode}; on {processes} "
-            "process(es)); stopping before it reaches the parameters. Look at the last logged metrics "
+            f"{type(self).__name__}: the {what} is {state} (this process: {value}) at step {self.state.global_step} "
+            f"({mode}); stopping before it reaches the parameters. Look at the last logged metrics "
             "(groups/nonfinite_reward_frac, the reward functions' outputs, the learning rate) and resume from the last "
             "checkpoint with a fix."
         )

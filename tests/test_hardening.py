@@ -291,7 +291,10 @@ def test_nonfinite_loss_stops_the_run_before_the_parameters_change(tmp_path, alg
     # NaN logits in the loss's forward only (generation and log-prob passes run without grad and stay finite)
     trainer.model.model.norm.register_forward_hook(lambda m, i, out: out * NAN if torch.is_grad_enabled() else out)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 0 .*stopping before it reaches"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"the loss is non-finite on 1 of 1 process\(es\) \(this process: nan\) at step 0 .*stopping before",
+    ):
         trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
     assert any("nonfinite/loss" in h and math.isnan(h["nonfinite/loss"]) for h in trainer.state.log_history)
@@ -302,6 +305,26 @@ def test_nonfinite_gradient_stops_the_run_before_the_optimizer_step(tmp_path, ma
     trainer = make_trainer("gvpo", tmp_path, max_steps=2, max_grad_norm=max_grad_norm)
     trainer.model.lm_head.weight.register_hook(lambda grad: grad * INF)  # finite loss, infinite gradient
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    with pytest.raises(FloatingPointError, match=r"the gradient norm is (inf|nan) at step 0"):
+    with pytest.raises(
+        FloatingPointError, match=r"the gradient norm is (inf|nan) \(this process: (inf|nan)\) at step 0"
+    ):
         trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+
+
+@pytest.mark.distributed
+def test_a_nonfinite_loss_on_one_process_stops_every_process(tmp_path):
+    import json
+    from pathlib import Path
+
+    from .distributed.harness import launch, launch_env
+
+    worker = Path(__file__).with_name("distributed") / "nonfinite_worker.py"
+    spec = {"args": {"max_steps": 2, "steps_per_generation": 2, "gradient_accumulation_steps": 2}}
+    run = launch("nonfinite-2proc", spec, tmp_path, 2, "cpu_ddp_2proc.yaml", launch_env({"ACCELERATE_USE_CPU": "true"}),
+                 timeout=300, script=worker)  # fmt: skip
+    ranks = [json.loads((run.out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for r in ranks:  # rank 0's own loss was finite: it stops because rank 1's was not
+        assert r["error"] is not None and "the loss is non-finite on 1 of 2 process(es)" in r["error"]
+        assert r["unchanged"] and r["step"] == 0
