@@ -1,27 +1,34 @@
-"""Mixed buffers: reward against generated tokens, fresh-only vs half of each group from history (GVPO and GRPO).
+"""Mixed buffers: held-out reward against generated tokens, fresh-only vs history in each group, over several seeds.
 
-Runs the offline quickstart task (``gvpo_trl.toy``: a tiny random Llama learns "repeat the letter"; the settings of
-``examples/train.py``'s quickstart) four times with the same seed:
+Trains GVPO on the offline toy task (``gvpo_trl.toy``: a tiny random Llama learns "repeat the letter"), with the
+settings of ``examples/train.py``'s quickstart (16 rows per step, k = 4, 10-token completions, 4 optimizer steps per
+generation) except two: 64 prompts, so that a prompt recurs every 16 steps, and a constant learning rate, so that a
+run's curve does not depend on its planned length. Each arm at its own best learning rate from the sweep of
+``benchmarks/mixed_buffer_study.py`` (docs/mixed_buffers.md):
 
-- GVPO fresh-only, and GVPO with ``buffer_history_per_group=0.5`` (2 of each group of 4 from history);
-- GRPO (TRL's ``GRPOTrainer`` + gvpo-trl's ``BufferMixin``; with the buffer off it is TRL's GRPO unchanged), the same
-  two ways. GRPO has no off-policy correction here: its historical members are treated like fresh ones.
+- ``fresh``: no buffer, every member generated, ``--steps`` optimizer steps (lr 1e-3; the quickstart's 3e-3 is worse
+  here);
+- ``fresh, 2 passes per batch``: no buffer, each generation batch trained on twice (``num_iterations=2``): as many
+  optimizer steps per generated token as the mixed arms, without history (lr 5e-4);
+- ``mixed at the fresh lr``: 2 of each group of 4 from history (:data:`MIXED`), lr 1e-3;
+- ``mixed``: the same at its own best lr, 5e-4;
+- ``recipe``: the documented recipe (:data:`RECIPE`, β = 0.3, lr 5e-4).
 
-The mixed runs are trained for ``--mixed-steps`` (default 2 × ``--steps``) so that they can spend as many generated
-tokens as the fresh-only runs. Reported, per algorithm:
+Every arm after ``fresh`` trains until it has generated ``--budget`` × the fresh-only run's tokens of the same seed
+(at most ``--max-steps``). Every ``--eval-every`` optimizer steps, held-out reward: one sampled completion per prompt
+on 256 prompts never trained on (fixed sampling seed, so all runs are scored alike). Reported per arm (mean ± std over
+seeds):
 
-- the fresh-only run's final reward: the mean reward of the FRESH samples (``buffer/fresh_reward``, the current
-  policy's own samples) over its last ``--window`` generations, and its generated tokens (completion tokens only);
-- the generated tokens at which the mixed run's trailing mean over ``--window`` generations first reaches that
-  reward, as a fraction of the fresh-only run's tokens (the target is ≤ 0.6);
-- held-out rewards (``--eval-prompts`` prompts never trained on, one sampled completion each, fixed seed): the
-  fresh-only run at its end, the mixed run when it has generated 0.6 × the fresh-only run's tokens, and at its end.
+- the target: the fresh-only runs' final held-out reward (mean of their last 3 evaluations, then over seeds);
+- tokens to target: generated tokens at which the arm's held-out reward (trailing mean of 3 evaluations) first
+  reaches the target, as a fraction of the fresh-only run's total tokens: per seed (mean ± std, and how many seeds
+  reach it) and on the seed-mean curve. The goal is ≤ 0.6.
 
-Writes ``mixed_buffer.md`` (the table), ``mixed_buffer.png`` (reward against generated tokens) and
-``mixed_buffer.json`` (every curve) to ``--output-dir``. About 10 minutes on 2 CPU cores with the defaults:
+Writes ``mixed_buffer.md`` (the table), ``mixed_buffer.png`` (held-out and fresh-sample reward against generated
+tokens, mean and spread over seeds) and ``mixed_buffer.json`` (every curve) to ``--output-dir``:
 
-    python benchmarks/mixed_buffer.py
-    python benchmarks/mixed_buffer.py --steps 300 --algorithms gvpo   # a quick look
+    python benchmarks/mixed_buffer.py            # 5 arms x 5 seeds, about 6 minutes on one CPU core
+    python benchmarks/mixed_buffer.py --quick    # 1 seed, 200 fresh-only steps: a short look (about 40 s)
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ import argparse
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, TrainerCallback
+from transformers import GenerationConfig, PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from gvpo_trl import GVPOConfig, GVPOTrainer, toy
@@ -56,9 +64,8 @@ class BufferedGRPOTrainer(BufferMixin, GRPOTrainer):
 
 ALGORITHMS = {"gvpo": (GVPOConfig, GVPOTrainer), "grpo": (BufferedGRPOConfig, BufferedGRPOTrainer)}
 
-# examples/train.py's quickstart settings (flags the user did not pass), for the toy task on CPU
+# examples/train.py's quickstart settings (learning rates come from each arm), for the toy task on CPU
 QUICKSTART = dict(
-    learning_rate=1e-2,
     per_device_train_batch_size=16,
     num_generations=4,
     max_completion_length=10,
@@ -70,220 +77,265 @@ QUICKSTART = dict(
     report_to="none",
     disable_tqdm=True,
     logging_steps=1,
+    lr_scheduler_type="constant",  # a run's curve must not depend on its planned length: buffered runs stop on tokens
 )
 
+#: 2 of each group of 4 from history at every step: about two recurrences of a prompt (every 16 steps here).
+MIXED = dict(buffer_history_per_group=2, buffer_max_staleness=32, buffer_selection="newest")
+#: The recipe the study selected (docs/mixed_buffers.md): MIXED, plus evicting samples that drifted more than 0.15
+#: nats per token, with GVPO's β at 0.3 and half the fresh-only run's learning rate.
+RECIPE = dict(MIXED, buffer_max_drift=0.15)
+#: Each arm at its best learning rate from benchmarks/mixed_buffer_study.py (the first arm is the reference).
+ARMS = {
+    "fresh": dict(learning_rate=1e-3, buffer={}),
+    "fresh, 2 passes per batch": dict(learning_rate=5e-4, buffer={}, config=dict(num_iterations=2)),
+    "mixed at the fresh lr": dict(learning_rate=1e-3, buffer=MIXED),
+    "mixed": dict(learning_rate=5e-4, buffer=MIXED),
+    "recipe": dict(learning_rate=5e-4, buffer=RECIPE, config=dict(gvpo_beta=0.3)),
+}
 
-def heldout_reward(trainer, prompts: list[str], seed: int) -> float:
+
+def eval_prompts(num_train_prompts: int, n: int = 256) -> list[str]:
+    """``n`` toy prompts that are not among the training prompts (``toy.build_dataset(num_train_prompts, seed=0)``)."""
+    seen = set(toy.build_dataset(num_prompts=num_train_prompts, seed=0)["prompt"])
+    return [p for p in toy.build_dataset(num_prompts=4096, seed=1)["prompt"] if p not in seen][:n]
+
+
+def heldout_reward(trainer, prompts: list[str], seed: int = 1234) -> float:
     """Mean reward of one sampled completion per held-out prompt (training sampling settings, fixed seed)."""
     model, tokenizer, args = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, trainer.args
     config = GenerationConfig(do_sample=True, max_new_tokens=args.max_completion_length, temperature=args.temperature,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    was_training, rewards = model.training, []
+    was_training = model.training
     model.eval()
     with torch.random.fork_rng(), torch.no_grad():  # leaves the training run's random state untouched
         torch.manual_seed(seed)
-        for start in range(0, len(prompts), 64):
-            batch = prompts[start : start + 64]
-            inputs = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-            out = model.generate(**inputs, generation_config=config)
-            texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            rewards += toy.repeat_letter_reward(batch, texts)
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+        out = model.generate(**inputs, generation_config=config)
+        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     model.train(was_training)
-    return sum(rewards) / len(rewards)
+    return sum(toy.repeat_letter_reward(prompts, texts)) / len(prompts)
 
 
 class Recorder(TrainerCallback):
-    """Per generation: cumulative generated tokens, reward of the fresh samples, historical share. Optionally scores
-    the held-out prompts once the run has generated ``eval_at_tokens``."""
+    """Per generation: generated tokens so far, fresh-sample reward, historical share, drift. Every ``eval_every``
+    steps (and at the start and the end): held-out reward. Stops training once ``token_budget`` tokens are spent."""
 
-    def __init__(self, eval_prompts, seed, eval_at_tokens=None):
-        self.trainer, self.points, self.eval_prompts, self.seed = None, [], eval_prompts, seed
-        self.eval_at_tokens, self.heldout_at = eval_at_tokens, None
+    def __init__(self, trainer, prompts, eval_every, token_budget=None):
+        self.trainer, self.prompts, self.eval_every, self.token_budget = trainer, prompts, eval_every, token_budget
+        self.points, self.evals = [], []
+
+    def _evaluate(self, step):
+        if not self.evals or self.evals[-1][0] != step:
+            tokens = self.trainer.buffer_stats["generated_tokens"]
+            self.evals.append((step, tokens, heldout_reward(self.trainer, self.prompts)))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._evaluate(0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "buffer/generated_tokens_total" in logs:
-            reward = logs.get("buffer/fresh_reward", logs.get("reward"))
-            self.points.append((state.global_step, logs["buffer/generated_tokens_total"], reward,
-                                logs.get("buffer/historical_share", 0.0)))  # fmt: skip
-            tokens = logs["buffer/generated_tokens_total"]
-            if self.eval_at_tokens is not None and self.heldout_at is None and tokens >= self.eval_at_tokens:
-                self.heldout_at = (tokens, heldout_reward(self.trainer, self.eval_prompts, self.seed))
+            self.points.append({"step": state.global_step, "tokens": logs["buffer/generated_tokens_total"],
+                                "fresh_reward": logs.get("buffer/fresh_reward", logs.get("reward")),
+                                **{k: logs[f"buffer/{k}"] for k in ("historical_share", "mean_drift", "drift_evicted")
+                                   if f"buffer/{k}" in logs}})  # fmt: skip
+
+    def on_step_end(self, args, state, control, **kwargs):
+        spent = self.token_budget is not None and self.trainer.buffer_stats["generated_tokens"] >= self.token_budget
+        if spent:
+            control.should_training_stop = True
+        if spent or state.global_step % self.eval_every == 0 or state.global_step >= state.max_steps:
+            self._evaluate(state.global_step)
+
+
+def train_run(spec: dict, prompts: list[str]) -> dict:
+    """One run of ``spec`` (``algorithm``, ``learning_rate``, ``seed``, ``steps``, ``num_prompts``, ``eval_every``,
+    ``buffer`` (config fields), optional ``token_budget`` and ``config`` (other config fields)); returns its curves."""
+    config_cls, trainer_cls = ALGORITHMS[spec.get("algorithm", "gvpo")]
+    config = config_cls(output_dir="outputs/mixed_buffer/run", seed=spec["seed"], max_steps=spec["steps"],
+                        learning_rate=spec["learning_rate"], **QUICKSTART, **spec.get("config", {}),
+                        **spec.get("buffer", {}))  # fmt: skip
+    trainer = trainer_cls(model=toy.default_model_path(), reward_funcs=toy.repeat_letter_reward, args=config,
+                          train_dataset=toy.build_dataset(num_prompts=spec["num_prompts"], seed=0))  # fmt: skip
+    recorder = Recorder(trainer, prompts, spec["eval_every"], spec.get("token_budget"))
+    trainer.add_callback(recorder)
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    trainer.train()
+    steps, tokens, heldout = (list(x) for x in zip(*recorder.evals, strict=True))
+    return {"spec": spec, "eval_steps": steps, "eval_tokens": tokens, "heldout": heldout, "points": recorder.points,
+            "drift_evicted": trainer.buffer_stats.get("drift_evicted", 0),
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+# --- analysis --------------------------------------------------------------------------------------------------
 
 
 def trailing_mean(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+    return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
-def run(algorithm, mixed, args, train_dataset, eval_prompts, eval_at_tokens=None):
-    config_cls, trainer_cls = ALGORITHMS[algorithm]
-    name = f"{algorithm}-{'mixed' if mixed else 'fresh'}"
-    buffer = dict(buffer_history_per_group=args.history, buffer_max_staleness=args.max_staleness) if mixed else {}
-    config = config_cls(output_dir=os.path.join(args.output_dir, name), seed=args.seed,
-                        max_steps=args.mixed_steps if mixed else args.steps, **QUICKSTART, **buffer)  # fmt: skip
-    trainer = trainer_cls(model=toy.default_model_path(), reward_funcs=toy.repeat_letter_reward, args=config,
-                          train_dataset=train_dataset)  # fmt: skip
-    recorder = Recorder(eval_prompts, args.seed, eval_at_tokens)
-    recorder.trainer = trainer
-    trainer.add_callback(recorder)
-    start = time.perf_counter()
-    trainer.train()
-    elapsed = time.perf_counter() - start
-    final_heldout = heldout_reward(trainer, eval_prompts, args.seed)
-    steps, tokens, rewards, shares = (list(x) for x in zip(*recorder.points, strict=False))
-    print(f"{name}: {trainer.state.global_step} steps, {tokens[-1]:.0f} generated tokens, {elapsed:.0f} s, "
-          f"held-out reward {final_heldout:.3f}", flush=True)  # fmt: skip
-    return {"name": name, "steps": steps, "tokens": tokens, "fresh_reward": rewards, "historical_share": shares,
-            "heldout_final": final_heldout, "heldout_at": recorder.heldout_at, "seconds": elapsed}  # fmt: skip
+def final_heldout(run: dict, last: int = 3) -> float:
+    return sum(run["heldout"][-last:]) / len(run["heldout"][-last:])
 
 
-def compare(fresh, mixed, window, budget=0.6):
-    """The fresh run's final reward, and the tokens the mixed run needs to reach it (trailing means over window)."""
-    target = sum(fresh["fresh_reward"][-window:]) / len(fresh["fresh_reward"][-window:])
-    fresh_tokens = fresh["tokens"][-1]
+def tokens_to_reach(tokens: list[float], values: list[float], target: float, window: int = 3) -> float | None:
+    """Tokens at which the trailing mean of ``window`` evaluations first reaches ``target`` (None: never)."""
+    smoothed = trailing_mean(values, window)
+    return next((t for i, (t, v) in enumerate(zip(tokens, smoothed, strict=True)) if i + 1 >= window and v >= target),
+                None)  # fmt: skip
 
-    def first_reach(run):
-        smoothed = trailing_mean(run["fresh_reward"], window)
-        return next((t for i, (t, r) in enumerate(zip(run["tokens"], smoothed, strict=False))
-                     if i + 1 >= window and r >= target - 1e-9), None)  # fmt: skip
 
-    smoothed = trailing_mean(mixed["fresh_reward"], window)
-    reached = first_reach(mixed)
-    at_budget = [r for t, r in zip(mixed["tokens"], smoothed, strict=False) if t <= budget * fresh_tokens]
+def mean_curve(runs: list[dict], key: str = "heldout") -> tuple[list[float], list[float], list[float]]:
+    """Seed-mean curve over the evaluations all runs have: (mean tokens, mean value, std of value)."""
+    n = min(len(r[key]) for r in runs)
+    tokens = [statistics.fmean(r["eval_tokens"][i] for r in runs) for i in range(n)]
+    values = [[r[key][i] for r in runs] for i in range(n)]
+    return tokens, [statistics.fmean(v) for v in values], [statistics.pstdev(v) for v in values]
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def summarise(fresh: list[dict], runs: list[dict], budget: float = 0.6) -> dict:
+    """An arm against the fresh-only runs of the same seeds (matched by seed)."""
+    by_seed = {r["spec"]["seed"]: r for r in fresh}
+    target = statistics.fmean(final_heldout(r) for r in fresh)
+    fresh_total = statistics.fmean(r["eval_tokens"][-1] for r in fresh)
+    ratios, finals, at_budget = [], [], []
+    for r in runs:
+        total = by_seed[r["spec"]["seed"]]["eval_tokens"][-1]
+        reached = tokens_to_reach(r["eval_tokens"], r["heldout"], target)
+        ratios.append(None if reached is None else reached / total)
+        finals.append(final_heldout(r))
+        smoothed = trailing_mean(r["heldout"], 3)
+        at_budget.append(max((v for t, v in zip(r["eval_tokens"], smoothed, strict=True) if t <= budget * total),
+                             default=math.nan))  # fmt: skip
+    tokens, values, _ = mean_curve(runs)
+    reached_mean = tokens_to_reach(tokens, values, target)
     return {
         "target": target,
-        "fresh_tokens": fresh_tokens,
-        "fresh_tokens_to_target": first_reach(fresh),  # a flat (noisy) fresh curve touches its final value early
-        "mixed_tokens_to_target": reached,
-        "ratio": None if reached is None else reached / fresh_tokens,
-        "mixed_reward_at_budget": at_budget[-1] if at_budget else math.nan,
-        "mixed_final": smoothed[-1],
-        "mixed_tokens": mixed["tokens"][-1],
-        "mixed_historical_share": sum(mixed["historical_share"]) / len(mixed["historical_share"]),
+        "fresh_tokens": fresh_total,
+        "ratios": ratios,
+        "reached": sum(x is not None for x in ratios),
+        "ratio_of_mean_curve": None if reached_mean is None else reached_mean / fresh_total,
+        "final_heldout": finals,
+        "best_heldout_within_budget": at_budget,
+        "tokens": [r["eval_tokens"][-1] / by_seed[r["spec"]["seed"]]["eval_tokens"][-1] for r in runs],
+        "historical_share": [statistics.fmean(p.get("historical_share", 0.0) for p in r["points"]) for r in runs],
     }
 
 
-def plot(results, comparisons, path, window):
+def table(summaries: dict[str, dict], lrs: dict[str, float]) -> str:
+    lines = [
+        "| arm | lr | seeds reaching target | tokens to target / fresh tokens (per seed) | same, seed-mean curve "
+        "| best held-out within 0.6× tokens | final held-out | tokens spent / fresh | mean historical share |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, s in summaries.items():
+        reached = [x for x in s["ratios"] if x is not None]
+        ratio = mean_std(reached) + ("" if len(reached) == len(s["ratios"]) else " (of those reaching)")
+        curve = "not reached" if s["ratio_of_mean_curve"] is None else f"{s['ratio_of_mean_curve']:.2f}"
+        lines.append(
+            f"| {arm} | {lrs[arm]:g} | {s['reached']}/{len(s['ratios'])} | {ratio} | {curve} "
+            f"| {mean_std(s['best_heldout_within_budget'])} | {mean_std(s['final_heldout'])} | {mean_std(s['tokens'])} "
+            f"| {mean_std(s['historical_share'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(groups: dict[str, list[dict]], target: float, fresh_tokens: float, path: str, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    algorithms = list(comparisons)
-    fig, axes = plt.subplots(1, len(algorithms), figsize=(6 * len(algorithms), 4.2), squeeze=False)
-    for ax, algorithm in zip(axes[0], algorithms, strict=False):
-        c = comparisons[algorithm]
-        for kind, color in (("fresh", "tab:blue"), ("mixed", "tab:orange")):
-            r = results[f"{algorithm}-{kind}"]
-            label = "fresh only" if kind == "fresh" else "half of each group from history"
-            ax.plot(r["tokens"], trailing_mean(r["fresh_reward"], window), color=color, label=label)
-        ax.axhline(c["target"], color="gray", linestyle="--", linewidth=1, label="fresh-only final reward")
-        ax.axvline(0.6 * c["fresh_tokens"], color="green", linestyle=":", linewidth=1, label="0.6 × fresh tokens")
-        if c["mixed_tokens_to_target"] is not None:
-            ax.plot([c["mixed_tokens_to_target"]], [c["target"]], "o", color="tab:orange")
-        ax.set(xlabel="generated completion tokens", ylabel=f"reward of fresh samples (mean of {window} generations)",
-               title=algorithm.upper())  # fmt: skip
-        ax.legend(fontsize=8, loc="lower right")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for (name, runs), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
+        tokens, mean, std = mean_curve(runs)
+        axes[0].plot(tokens, trailing_mean(mean, 3), color=color, label=f"{name} ({len(runs)} seeds)")
+        axes[0].fill_between(tokens, [m - s for m, s in zip(mean, std, strict=True)],
+                             [m + s for m, s in zip(mean, std, strict=True)], color=color, alpha=0.15)  # fmt: skip
+        for r in runs:
+            xs = [p["tokens"] for p in r["points"]]
+            axes[1].plot(xs, trailing_mean([p["fresh_reward"] for p in r["points"]], 25), color=color, alpha=0.5,
+                         linewidth=0.8, label=name if r is runs[0] else None)  # fmt: skip
+    for ax in axes:
+        ax.axvline(0.6 * fresh_tokens, color="green", linestyle=":", linewidth=1, label="0.6 × fresh-only tokens")
+        ax.set_xlabel("generated completion tokens")
+    axes[0].axhline(target, color="gray", linestyle="--", linewidth=1, label="fresh-only final held-out")
+    axes[0].set(ylabel="held-out reward (mean over seeds, ±1 std)", title=title)
+    axes[1].set(ylabel="fresh-sample reward (trailing 25 generations)", title="every seed")
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def table(results, comparisons, args) -> str:
-    lines = [
-        f"Quickstart task, {args.num_prompts} training prompts, seed {args.seed}, k = 4, "
-        f"{int(args.history * 4) if args.history < 1 else int(args.history)} of 4 from history "
-        f"(max staleness {args.max_staleness} steps); fresh-only runs {args.steps} steps, mixed runs "
-        f"{args.mixed_steps}. Rewards: fresh samples, trailing mean over {args.window} generations.",
-        "",
-        "| algorithm | fresh: final reward | fresh: generated tokens | fresh: tokens to first reach it "
-        "| mixed: tokens to reach it "
-        "| ratio (target ≤ 0.6) | mixed: reward at 0.6× tokens | held-out: fresh final "
-        "| held-out: mixed at 0.6× tokens | held-out: mixed final | mixed: mean historical share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for algorithm, c in comparisons.items():
-        fresh, mixed = results[f"{algorithm}-fresh"], results[f"{algorithm}-mixed"]
-        at = mixed["heldout_at"]
-        reached = "not reached" if c["mixed_tokens_to_target"] is None else f"{c['mixed_tokens_to_target']:.0f}"
-        ratio = "—" if c["ratio"] is None else f"{c['ratio']:.2f}"
-        first = c["fresh_tokens_to_target"]
-        fresh_first = f"{first:.0f}" if first is not None else f"≈{c['fresh_tokens']:.0f}"
-        heldout_at = "—" if at is None else f"{at[1]:.3f}"
-        lines.append(
-            f"| {algorithm.upper()} | {c['target']:.3f} | {c['fresh_tokens']:.0f} | {fresh_first} | {reached} "
-            f"| {ratio} | {c['mixed_reward_at_budget']:.3f} | {fresh['heldout_final']:.3f} | {heldout_at} | "
-            f"{mixed['heldout_final']:.3f} | {c['mixed_historical_share']:.2f} |"
-        )
-    return "\n".join(lines)
+def run_arms(arms: dict[str, dict], seeds: list[int], args, prompts) -> dict[str, list[dict]]:
+    """Every arm on every seed; every arm after the first (fresh-only) stops at ``args.budget`` × the first's tokens
+    of the same seed."""
+    results: dict[str, list[dict]] = {name: [] for name in arms}
+    for seed in seeds:
+        fresh = None
+        for name, arm in arms.items():
+            budgeted = fresh is not None
+            spec = dict(algorithm=args.algorithm, learning_rate=arm["learning_rate"], seed=seed,
+                        steps=args.max_steps if budgeted else args.steps, num_prompts=args.num_prompts,
+                        eval_every=args.eval_every, buffer=arm["buffer"], config=arm.get("config", {}))  # fmt: skip
+            if budgeted:
+                spec["token_budget"] = args.budget * fresh["eval_tokens"][-1]
+            run = train_run(spec, prompts)
+            fresh = fresh or run
+            results[name].append(run)
+            print(f"{name} seed {seed}: {run['eval_steps'][-1]} steps, {run['eval_tokens'][-1]:.0f} tokens, "
+                  f"final held-out {final_heldout(run):.3f}, {run['seconds']:.0f} s", flush=True)  # fmt: skip
+    return results
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algorithms", nargs="+", default=["gvpo", "grpo"], choices=sorted(ALGORITHMS))
-    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps of the fresh-only runs")
-    parser.add_argument("--mixed-steps", type=int, default=None, help="steps of the mixed runs (2 × --steps)")
-    parser.add_argument("--history", type=float, default=0.5, help="buffer_history_per_group of the mixed runs")
-    parser.add_argument(
-        "--max-staleness",
-        type=int,
-        default=256,
-        help="buffer_max_staleness: with 512 prompts and 4 per step a prompt recurs every ~128 steps",
-    )
-    parser.add_argument("--num-prompts", type=int, default=512, help="training prompts (the quickstart's 512)")
-    parser.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts")
-    parser.add_argument("--window", type=int, default=25, help="generations in a trailing mean")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (1 is much faster for this tiny model on a busy machine)",
-    )
+    parser.add_argument("--quick", action="store_true", help="1 seed, 200 fresh-only steps: a short look")
+    parser.add_argument("--algorithm", default="gvpo", choices=sorted(ALGORITHMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--arms", nargs="+", default=None, help=f"only these arms besides fresh: {list(ARMS)}")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps of the fresh-only runs")
+    parser.add_argument("--max-steps", type=int, default=1200, help="most optimizer steps of the other arms")
+    parser.add_argument("--budget", type=float, default=1.0, help="other arms stop at this × fresh-only tokens")
+    parser.add_argument("--num-prompts", type=int, default=64, help="training prompts (one recurs every n/4 steps)")
+    parser.add_argument("--eval-every", type=int, default=20, help="optimizer steps between held-out evaluations")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model)")
     parser.add_argument("--output-dir", default="outputs/mixed_buffer")
-    parser.add_argument("--replot", metavar="JSON", help="redo the table and plot from a saved mixed_buffer.json")
     args = parser.parse_args(argv)
-    if args.replot:
-        with open(args.replot) as f:
-            saved = json.load(f)
-        output_dir = args.output_dir
-        args = argparse.Namespace(**{**saved["args"], "output_dir": output_dir})
-        results = saved["results"]
-        algorithms = [name[: -len("-fresh")] for name in results if name.endswith("-fresh")]
-        comparisons = {a: compare(results[f"{a}-fresh"], results[f"{a}-mixed"], args.window) for a in algorithms}
-        return report(results, comparisons, args)
-    args.mixed_steps = args.mixed_steps or 2 * args.steps
+    if args.quick:
+        args.seeds, args.steps, args.max_steps = args.seeds[:1], 200, 600
     torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
-
-    train_dataset = toy.build_dataset(num_prompts=args.num_prompts, seed=0)
-    seen = set(train_dataset["prompt"])
-    eval_prompts = [p for p in toy.build_dataset(num_prompts=4096, seed=1)["prompt"] if p not in seen]
-    eval_prompts = eval_prompts[: args.eval_prompts]
-
-    results, comparisons = {}, {}
-    for algorithm in args.algorithms:
-        fresh = results[f"{algorithm}-fresh"] = run(algorithm, False, args, train_dataset, eval_prompts)
-        mixed = results[f"{algorithm}-mixed"] = run(algorithm, True, args, train_dataset, eval_prompts,
-                                                    eval_at_tokens=0.6 * fresh["tokens"][-1])  # fmt: skip
-        comparisons[algorithm] = compare(fresh, mixed, args.window)
-    report(results, comparisons, args)
-
-
-def report(results, comparisons, args):
-    os.makedirs(args.output_dir, exist_ok=True)
-    text = table(results, comparisons, args)
+    arms = ARMS if args.algorithm == "gvpo" else {k: ARMS[k] for k in ("fresh", "mixed at the fresh lr", "mixed")}
+    if args.arms:
+        arms = {k: v for k, v in arms.items() if k == "fresh" or k in args.arms}
+    results = run_arms(arms, args.seeds, args, eval_prompts(args.num_prompts))
+    summaries = {name: summarise(results["fresh"], runs) for name, runs in results.items()}
+    lrs = {name: arm["learning_rate"] for name, arm in arms.items()}
+    target = summaries["fresh"]["target"]
+    header = (
+        f"{args.algorithm.upper()}, toy task, {args.num_prompts} prompts, k = 4, seeds {args.seeds}; fresh-only "
+        f"{args.steps} steps, the other arms until they spend {args.budget:g}× its tokens. Target: fresh-only final "
+        f"held-out reward {target:.3f} (mean of the last 3 evaluations, over seeds); fresh-only generated "
+        f"{summaries['fresh']['fresh_tokens']:.0f} tokens."
+    )
+    text = header + "\n\n" + table(summaries, lrs)
     print(text)
     with open(os.path.join(args.output_dir, "mixed_buffer.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.output_dir, "mixed_buffer.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results, "comparisons": comparisons}, f, indent=1)
-    plot(results, comparisons, os.path.join(args.output_dir, "mixed_buffer.png"), args.window)
+        json.dump({"args": vars(args), "arms": arms, "summaries": summaries, "results": results}, f)
+    plot(results, target, summaries["fresh"]["fresh_tokens"], os.path.join(args.output_dir, "mixed_buffer.png"),
+         title=f"{args.algorithm.upper()} on the toy task")  # fmt: skip
     print(f"Wrote {args.output_dir}/mixed_buffer.md, .png and .json")
 
 

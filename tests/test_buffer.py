@@ -14,10 +14,13 @@ import torch
 from gvpo_trl import GVPOConfig, GVPOTrainer
 from gvpo_trl.buffer import (
     BUFFER_STATE_NAME,
+    HISTORICAL,
     SampleBuffer,
     equalise_across_processes,
     plan_groups,
+    resolve_history_horizon,
     resolve_num_historical,
+    scheduled_num_historical,
     select_historical,
     selection_seed,
 )
@@ -47,6 +50,39 @@ def test_num_historical_from_a_count_or_a_fraction():
     for bad, match in [(4, "at most k - 1 = 3"), (0.1, "less than one member"), (1.5, "whole number"), (-1, ">= 1")]:
         with pytest.raises(ValueError, match=match):
             resolve_num_historical(bad, 4)
+
+
+def test_history_schedules_and_their_horizon():
+    assert [scheduled_num_historical(2, s, "constant", 4) for s in range(6)] == [2] * 6
+    assert [scheduled_num_historical(2, s, "step", 4) for s in range(6)] == [2, 2, 2, 2, 0, 0]
+    assert [scheduled_num_historical(2, s, "linear", 4) for s in range(6)] == [2, 2, 1, 1, 0, 0]  # ceil(2 (1 - s/4))
+    assert [scheduled_num_historical(3, s, "linear", 6) for s in range(7)] == [3, 3, 2, 2, 1, 1, 0]
+    assert scheduled_num_historical(0, 0, "linear", 4) == 0
+    assert resolve_history_horizon(0.5, 801) == 401 and resolve_history_horizon(1.0, 10) == 10  # a fraction, rounded up
+    assert resolve_history_horizon(300, 10) == 300  # a count, whatever max_steps
+    for bad, match in [(0, "fraction in"), (2.5, "whole number"), (float("nan"), "fraction in")]:
+        with pytest.raises(ValueError, match=match):
+            resolve_history_horizon(bad, 10)
+    with pytest.raises(ValueError, match="not known"):
+        resolve_history_horizon(0.5, -1)
+    with pytest.raises(ValueError, match="unknown history schedule"):
+        scheduled_num_historical(2, 0, "cosine", 4)
+
+
+def test_reuse_counts_evict_at_the_cap_and_are_saved():
+    buf = _filled({"a": [0, 0, 0]})  # uids 0..2
+    assert buf.record_uses([0, 1]) == [] and [s.uses for s in buf.samples()] == [1, 1, 0]  # no cap: counted only
+    assert buf.record_uses([1, 2], max_reuse=2) == [1] and [s.uid for s in buf.samples()] == [0, 2]
+    assert buf.evict([2, 7, 2]) == [2] and [s.uid for s in buf.samples()] == [0]  # unknown uids are ignored
+    other = SampleBuffer(10)
+    other.load_state_dict(buf.state_dict())
+    assert other.digest() == buf.digest() and other[0].uses == 1
+    other[0].uses += 1  # the digest sees a use count
+    assert other.digest() != buf.digest()
+    state = buf.state_dict()
+    del state["samples"][0]["uses"]  # a buffer saved before use counts existed loads with none
+    other.load_state_dict(state)
+    assert other[0].uses == 0
 
 
 def test_staleness_limit_and_capacity_evict_what_they_should():
@@ -143,6 +179,15 @@ def test_buffer_state_round_trips_exactly():
         (dict(buffer_history_per_group=2, buffer_capacity=0), r"buffer_capacity must be an integer >= 1"),
         (dict(buffer_rescore=True), r"buffer_rescore=True has no effect"),
         (dict(external_logps_column="lp"), r"needs external_completions_column"),
+        (dict(buffer_history_per_group=2, buffer_max_drift=-0.1), r"buffer_max_drift must be a number >= 0"),
+        (dict(buffer_history_per_group=2, buffer_max_drift=float("inf")), r"buffer_max_drift=inf is not a finite"),
+        (dict(buffer_history_per_group=2, buffer_max_reuse=-1), r"buffer_max_reuse must be an integer >= 0"),
+        (dict(buffer_history_per_group=2, buffer_max_reuse=1.5), r"buffer_max_reuse must be an integer"),
+        (dict(buffer_history_per_group=2, buffer_history_schedule="cosine"), r"buffer_history_schedule must be one"),
+        (dict(buffer_history_per_group=2, buffer_history_horizon=0), r"buffer_history_horizon must be a fraction"),
+        (dict(buffer_history_per_group=2, buffer_history_horizon=12.5), r"step count and must be a whole number"),
+        (dict(buffer_max_drift=0.5), r"buffer_max_drift has no effect with buffer_history_per_group=0"),
+        (dict(buffer_max_reuse=1, buffer_history_schedule="step"), r"buffer_max_reuse, buffer_history_schedule has"),
     ],
 )
 def test_refused_buffer_configs(kwargs, match):
@@ -223,6 +268,71 @@ def test_only_the_fresh_members_are_generated(tmp_path):
     shares = [h["buffer/historical_share"] for h in logs]
     assert shares == [(2 * K - sum(g["generated"].values())) / (2 * K) for g in trainer.probe]
     assert shares[0] == 0 and all(h["buffer/mean_staleness"] <= 2 for h in logs if h["buffer/historical_share"])
+
+
+class DriftProbeGVPOTrainer(GVPOTrainer):
+    """Measures each historical member's drift by hand (TRL's θ' log-probs against the stored ones) before the
+    buffer does; with ``median_threshold``, sets ``buffer_max_drift`` to the round's median (midway between the two
+    middle values) so that half the members are over it."""
+
+    median_threshold = False
+
+    def _finish_round(self, rnd, output):
+        stored = {s.uid: (s.logps.clone(), s.uses) for s in self.sample_buffer.samples()}
+        mask, old = output["completion_mask"], output["old_per_token_logps"]
+        drifts = {}
+        for i, member in enumerate(rnd.members):
+            if member.kind == HISTORICAL:
+                n = int(mask[i].sum())
+                drifts[member.sample_uid] = (old[i, :n].double() - stored[member.sample_uid][0]).abs().mean().item()
+        if self.median_threshold and drifts:
+            middle = sorted(drifts.values())[len(drifts) // 2 - 1 : len(drifts) // 2 + 1]
+            self.args.buffer_max_drift = sum(middle) / 2
+        super()._finish_round(rnd, output)
+        self.rec.append({"step": rnd.step, "h": rnd.num_historical, "drifts": drifts, "stored": stored,
+                         "plan": [uid for p in rnd.plan for uid in p.historical],
+                         "after": {s.uid: s.uses for s in self.sample_buffer.samples()}})  # fmt: skip
+
+
+def test_members_that_drifted_too_far_are_evicted_for_later_groups(tmp_path):
+    trainer = _trainer(tmp_path, cls=DriftProbeGVPOTrainer, max_steps=8, steps_per_generation=2,
+                       buffer_history_per_group=2, buffer_max_staleness=8, buffer_max_drift=1.0)  # fmt: skip
+    trainer.rec, trainer.median_threshold = [], True
+    trainer.train()
+    rounds = [r for r in trainer.rec if r["drifts"]]
+    assert len(rounds) == 3 and all(len(r["drifts"]) == 8 for r in rounds)  # 4 groups x 2 historical, steps 2, 4, 6
+    logs = [h for h in trainer.state.log_history if "buffer/mean_drift" in h]
+    evicted_total = 0
+    for r, log in zip(rounds, logs, strict=True):
+        threshold = sum(sorted(r["drifts"].values())[3:5]) / 2
+        over = {uid for uid, d in r["drifts"].items() if d > threshold}
+        assert len(over) == 4
+        assert not over & set(r["after"])  # evicted: no later group gets them
+        assert all(r["after"][uid] == r["stored"][uid][1] + 1 for uid in set(r["drifts"]) - over)  # kept, counted
+        assert abs(log["buffer/mean_drift"] - sum(r["drifts"].values()) / 8) < 1e-5
+        assert log["buffer/drift_evicted"] == len(over)
+        evicted_total += len(over)
+    assert min(d for r in rounds for d in r["drifts"].values()) > 0  # lr 1e-2 moves the policy
+    assert trainer.buffer_stats["drift_evicted"] == evicted_total
+
+
+def test_reuse_cap_and_history_schedule(tmp_path):
+    trainer = _trainer(tmp_path, cls=DriftProbeGVPOTrainer, max_steps=12, steps_per_generation=2,
+                       buffer_history_per_group=2, buffer_max_staleness=12, buffer_max_reuse=2,
+                       buffer_selection="oldest", buffer_history_schedule="step",
+                       buffer_history_horizon=10)  # fmt: skip
+    trainer.rec = []
+    trainer.train()
+    assert [r["h"] for r in trainer.rec] == [2, 2, 2, 2, 2, 0]  # generations at steps 0, 2, ..., 10
+    uses = Counter(uid for r in trainer.rec for uid in r["plan"])
+    assert max(uses.values()) == 2 and sum(r["plan"] != [] for r in trainer.rec) == 4  # oldest first: reused
+    for r in trainer.rec:
+        for uid in r["plan"]:
+            if r["stored"][uid][1] == 1:  # its second use: evicted
+                assert uid not in r["after"]
+    logs = [h for h in trainer.state.log_history if "buffer/history_per_group" in h]
+    assert [h["buffer/history_per_group"] for h in logs] == [2, 2, 2, 2, 2, 0]
+    assert sum(h.get("buffer/reuse_evicted", 0) for h in logs) == trainer.buffer_stats["reuse_evicted"] > 0
 
 
 def _sequence_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):

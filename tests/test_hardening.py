@@ -248,6 +248,8 @@ def test_damaged_buffer_file_names_the_file_and_what_to_do(tmp_path, damage):
         ("gvpo", {"buffer_history_per_group": 1}, r"buffer_history_per_group: checkpoint 2, now 1"),
         ("gvpo", {"buffer_history_per_group": 0}, r"buffer_history_per_group: checkpoint 2, now 0"),
         ("gvpo", {"buffer_selection": "newest"}, r"buffer_selection: checkpoint 'uniform', now 'newest'"),
+        ("gvpo", {"buffer_max_drift": 0.2}, r"buffer_max_drift: checkpoint 0.0, now 0.2"),
+        ("gvpo", {"buffer_max_reuse": 2}, r"buffer_max_reuse: checkpoint 0, now 2"),
         ("gvpo", {"per_device_train_batch_size": 4}, r"generation_batch_size: checkpoint 16, now 8"),
         ("gvpo", {"reward": "other"}, r"reward_functions: checkpoint \['repeat_letter_reward'\], now \['other_r"),
         ("gvpo", {"reward_weights": [2.0]}, r"reward_weights: checkpoint \[1.0\], now \[2.0\]"),

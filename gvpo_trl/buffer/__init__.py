@@ -8,11 +8,14 @@ See ``docs/mixed_buffers.md`` for the semantics and for how a loss uses the colu
 from .config import BufferArgs, buffer_enabled, check_buffer_config
 from .mixin import BUFFER_STATE_NAME, EXTERNAL, FRESH, HISTORICAL, BufferMixin, Member, Round
 from .planning import (
+    HISTORY_SCHEDULES,
     SELECTION_RULES,
     GroupPlan,
     equalise_across_processes,
     plan_groups,
+    resolve_history_horizon,
     resolve_num_historical,
+    scheduled_num_historical,
     select_historical,
     selection_seed,
 )
@@ -23,6 +26,7 @@ __all__ = [
     "EXTERNAL",
     "FRESH",
     "HISTORICAL",
+    "HISTORY_SCHEDULES",
     "SELECTION_RULES",
     "BufferArgs",
     "BufferMixin",
@@ -36,7 +40,9 @@ __all__ = [
     "equalise_across_processes",
     "plan_groups",
     "prompt_key",
+    "resolve_history_horizon",
     "resolve_num_historical",
+    "scheduled_num_historical",
     "select_historical",
     "selection_seed",
 ]

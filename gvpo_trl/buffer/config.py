@@ -3,10 +3,11 @@ checks."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .planning import SELECTION_RULES, resolve_num_historical
+from .planning import HISTORY_SCHEDULES, SELECTION_RULES, resolve_history_horizon, resolve_num_historical
 
 
 @dataclass
@@ -35,6 +36,38 @@ class BufferArgs:
             "help": "Which historical samples a group gets: 'newest' first, 'oldest' first, or 'uniform' at random "
             "(seeded by the run seed, the step and the prompt, so every process draws the same).",
             "choices": list(SELECTION_RULES),
+        },
+    )
+    buffer_max_drift: float = field(
+        default=0.0,
+        metadata={
+            "help": "Staleness in policy space: when a historical member is used, its drift (mean over its tokens of "
+            "|log pi_theta'(y_t) - log pi_b(y_t)|, the pre-update policy against the one that generated it, in nats; "
+            "free, from the log-probs TRL computes anyway) is measured, and a sample that drifted more than this is "
+            "evicted for later groups. 0 (default) never evicts for drift."
+        },
+    )
+    buffer_max_reuse: int = field(
+        default=0,
+        metadata={
+            "help": "Most groups one stored sample may serve as a historical member; it is evicted after that many "
+            "uses. 0 (default): no limit (staleness and drift limits still apply)."
+        },
+    )
+    buffer_history_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How the historical members per group change over the run: 'constant' (always "
+            "buffer_history_per_group), 'step' (all of them until buffer_history_horizon, then none), 'linear' "
+            "(ceil(h * (1 - step / horizon)), reaching 0 at buffer_history_horizon).",
+            "choices": list(HISTORY_SCHEDULES),
+        },
+    )
+    buffer_history_horizon: float = field(
+        default=1.0,
+        metadata={
+            "help": "Where a 'step' or 'linear' history schedule reaches 0: a fraction of max_steps (0 < x <= 1) or "
+            "an optimizer step count (a whole number > 1)."
         },
     )
     buffer_capacity: int = field(
@@ -82,6 +115,28 @@ def check_buffer_config(args: Any, name: str) -> None:
                          f"{args.buffer_max_staleness!r}.")  # fmt: skip
     if args.buffer_selection not in SELECTION_RULES:
         raise ValueError(f"{name}: buffer_selection must be one of {SELECTION_RULES}, got {args.buffer_selection!r}.")
+    drift = args.buffer_max_drift
+    if isinstance(drift, bool) or not isinstance(drift, (int, float)) or not math.isfinite(drift) or drift < 0:
+        raise ValueError(f"{name}: buffer_max_drift must be a number >= 0 (nats per token; 0 turns it off), got "
+                         f"{drift!r}.")  # fmt: skip
+    reuse = args.buffer_max_reuse
+    if isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 0:
+        raise ValueError(f"{name}: buffer_max_reuse must be an integer >= 0 (0: no limit), got {reuse!r}.")
+    if args.buffer_history_schedule not in HISTORY_SCHEDULES:
+        raise ValueError(f"{name}: buffer_history_schedule must be one of {HISTORY_SCHEDULES}, got "
+                         f"{args.buffer_history_schedule!r}.")  # fmt: skip
+    try:  # a fraction is checked again against max_steps when training starts
+        resolve_history_horizon(args.buffer_history_horizon, 1)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}.") from None
+    if not args.buffer_history_per_group:
+        defaults = {"buffer_max_drift": 0, "buffer_max_reuse": 0, "buffer_history_schedule": "constant"}
+        tuned = [f for f, default in defaults.items() if getattr(args, f) != default]
+        if tuned:
+            raise ValueError(
+                f"{name}: {', '.join(tuned)} has no effect with buffer_history_per_group=0 (no historical members). "
+                "Set buffer_history_per_group, or leave them at their defaults."
+            )
     if not isinstance(args.buffer_capacity, int) or args.buffer_capacity < 1:
         raise ValueError(f"{name}: buffer_capacity must be an integer >= 1, got {args.buffer_capacity!r}.")
     if args.buffer_rescore and not args.buffer_history_per_group:

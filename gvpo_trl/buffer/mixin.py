@@ -17,16 +17,24 @@ record per local row.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..checkpoints import checkpoint_dir
 from ..columns import BEHAVIOUR_LOGPS, IS_EXTERNAL, IS_HISTORICAL, STALENESS
 from ..groups import aggregate_rewards
 from .config import BufferArgs, buffer_enabled, check_buffer_config
-from .planning import GroupPlan, plan_groups, resolve_num_historical
+from .planning import (
+    GroupPlan,
+    plan_groups,
+    resolve_history_horizon,
+    resolve_num_historical,
+    scheduled_num_historical,
+)
 from .store import SampleBuffer, prompt_key
 
 #: File name of the buffer state inside a checkpoint folder.
@@ -61,6 +69,7 @@ class Round:
     inputs: list[dict[str, Any]]
     step: int
     plan: list[GroupPlan] | None = None  # global, identical on every process
+    num_historical: int = 0  # historical members per group asked for at this step (the schedule's value)
     members: list[Member] = field(default_factory=list)  # local rows
     rewards_per_func: torch.Tensor | None = None  # global rows
 
@@ -86,7 +95,8 @@ class BufferMixin:
         self.history_per_group = resolve_num_historical(self.args.buffer_history_per_group, self.num_generations)
         self._buffer_enabled = buffer_enabled(self.args)
         self.sample_buffer = SampleBuffer(self.args.buffer_capacity)
-        self.buffer_stats = {"generated_tokens": 0, "generated_rows": 0, "historical_rows": 0, "external_rows": 0}
+        self.buffer_stats = {"generated_tokens": 0, "generated_rows": 0, "historical_rows": 0, "external_rows": 0,
+                             "drift_evicted": 0, "reuse_evicted": 0}  # fmt: skip
         self._buffer_round: Round | None = None
         if not self._buffer_enabled:
             return
@@ -107,14 +117,23 @@ class BufferMixin:
         for col in (column, logps_column):
             if col and names is not None and col not in names:
                 raise ValueError(f"{name}: the train dataset has no column {col!r} (columns: {names}).")
+        if names is not None and {"image", "images"} & set(names):
+            raise ValueError(self._image_refusal())
+
+    def _image_refusal(self) -> str:
+        return (
+            f"{type(self).__name__}: the mixed buffer does not support image inputs yet (a stored completion would "
+            "have to be replayed with its images). Turn the buffer off (buffer_history_per_group=0, no "
+            "external_completions_column) to train on images."
+        )
 
     # --- seams ---
 
     def _generate_and_score_completions(self, inputs):
         if not (self._buffer_enabled and self.model.training):
             return super()._generate_and_score_completions(inputs)
-        if "image" in inputs[0] or "images" in inputs[0]:
-            raise NotImplementedError(f"{type(self).__name__}: the mixed buffer does not support image inputs yet.")
+        if "image" in inputs[0] or "images" in inputs[0]:  # a stream shows its columns only here
+            raise ValueError(self._image_refusal())
         self._buffer_round = Round(inputs=inputs, step=self.state.global_step)
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -191,22 +210,27 @@ class BufferMixin:
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder = os.path.join(self._get_output_dir(trial=trial), folder)
-            torch.save(self.buffer_state_dict(), os.path.join(folder, BUFFER_STATE_NAME))
+            torch.save(self.buffer_state_dict(), os.path.join(checkpoint_dir(self, trial), BUFFER_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        name = type(self).__name__
         path = os.path.join(checkpoint, BUFFER_STATE_NAME)
         if os.path.exists(path):
-            self.load_buffer_state_dict(torch.load(path, weights_only=True))
+            try:
+                self.load_buffer_state_dict(torch.load(path, weights_only=True))
+            except Exception as error:  # a truncated or foreign file: unpickling errors name neither the file nor a fix
+                raise ValueError(
+                    f"{name}: the mixed-buffer state {path} cannot be read ({type(error).__name__}: "
+                    f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}); the file "
+                    "is damaged (e.g. a write cut short). Resume from an earlier checkpoint, or start fresh (no "
+                    "resume_from_checkpoint, or a new output_dir)."
+                ) from error
         elif self._buffer_enabled:
             raise FileNotFoundError(
-                f"{type(self).__name__}: the checkpoint {checkpoint} has no mixed-buffer state ({BUFFER_STATE_NAME}), "
+                f"{name}: the checkpoint {checkpoint} has no mixed-buffer state ({BUFFER_STATE_NAME}), "
                 "so the run cannot continue as it would have. It was written without gvpo-trl's buffer (or by a "
                 "process that could not write there)."
             )
@@ -221,6 +245,29 @@ class BufferMixin:
         self.buffer_stats.update(state["stats"])
 
     # --- helpers ---
+
+    def _evict_drifted_and_overused(self, rnd: Round, current: torch.Tensor, behaviour: torch.Tensor) -> None:
+        """After a round with historical members: measure each one's drift (mean |log π_θ' − log π_b| over its
+        tokens), count its use, and evict those over ``buffer_max_drift`` or ``buffer_max_reuse`` for later groups.
+        Each member is measured on the process that holds it; the values are gathered so every process evicts the
+        same."""
+        from accelerate.utils import gather_object
+
+        local = []
+        for i in rnd.rows(HISTORICAL):
+            n = len(rnd.members[i].completion_ids)
+            drift = (current[i, :n] - behaviour[i, :n]).abs().mean().item() if n else 0.0
+            local.append((rnd.members[i].sample_uid, drift))
+        drifts = gather_object(local)
+        metrics, max_drift = self._metrics["train"], self.args.buffer_max_drift
+        metrics["buffer/mean_drift"].append(sum(d for _, d in drifts) / len(drifts))
+        drifted = self.sample_buffer.evict([uid for uid, d in drifts if max_drift and d > max_drift])
+        used = [uid for p in rnd.plan for uid in p.historical if uid in self.sample_buffer]
+        overused = self.sample_buffer.record_uses(used, self.args.buffer_max_reuse)
+        self.buffer_stats["drift_evicted"] += len(drifted)
+        self.buffer_stats["reuse_evicted"] += len(overused)
+        metrics["buffer/drift_evicted"].append(float(len(drifted)))
+        metrics["buffer/reuse_evicted"].append(float(len(overused)))
 
     def _count_generated(self, completion_ids, tool_mask) -> None:
         """Log the tokens the policy generated in this call (all processes), and their running total."""
@@ -264,6 +311,11 @@ class BufferMixin:
                     f"{'none' if logps is None else len(logps)}. {type(self).__name__} cannot use it without them."
                 )
             logps = [float(x) for x in logps]
+            if not all(math.isfinite(x) and x <= 0 for x in logps):
+                raise ValueError(
+                    f"external completion of prompt {row.get('prompt')!r}: {self.args.external_logps_column!r} holds a "
+                    f"value that is not a log-probability (NaN, infinite or > 0): {logps}. Fix or drop that row."
+                )
         limit = self.args.max_completion_length
         if limit is not None and len(ids) > limit:
             ids, logps = ids[:limit], (None if logps is None else logps[:limit])
@@ -292,12 +344,18 @@ class BufferMixin:
 
         all_groups = gather_object(local_groups)
         self.sample_buffer.evict_stale(rnd.step, self.args.buffer_max_staleness)
+        rnd.num_historical = self.history_per_group
+        if self.history_per_group and self.args.buffer_history_schedule != "constant":
+            horizon = resolve_history_horizon(self.args.buffer_history_horizon, self.state.max_steps)
+            rnd.num_historical = scheduled_num_historical(
+                self.history_per_group, rnd.step, self.args.buffer_history_schedule, horizon
+            )
         rnd.plan = plan_groups(
             [key for key, _ in all_groups],
             [ext for _, ext in all_groups],
             self.sample_buffer,
             k=k,
-            num_historical=self.history_per_group,
+            num_historical=rnd.num_historical,
             step=rnd.step,
             max_staleness=self.args.buffer_max_staleness,
             selection=self.args.buffer_selection,
@@ -333,6 +391,7 @@ class BufferMixin:
                     batch_size=self.args.per_device_train_batch_size,
                 )
         behaviour = behaviour.detach().float().clone()
+        current = behaviour.clone()  # the pre-update policy θ' on every row (no vLLM here, so not π_sampling)
         lengths = torch.tensor([len(member.completion_ids) for member in rnd.members], device=device)
         behaviour[torch.arange(width, device=device).unsqueeze(0) >= lengths.unsqueeze(1)] = 0.0
         staleness = torch.zeros(n, dtype=torch.long, device=device)
@@ -360,9 +419,12 @@ class BufferMixin:
         if self.args.external_completions_column:
             metrics["buffer/external_share"].append(num_ext / rows)
         metrics["buffer/equalised_members"].append(float(sum(p.cut for p in plan)))
+        if self.history_per_group:
+            metrics["buffer/history_per_group"].append(float(rnd.num_historical))
         if num_hist:
             stale = [rnd.step - self.sample_buffer[uid].step for p in plan for uid in p.historical]
             metrics["buffer/mean_staleness"].append(sum(stale) / len(stale))
+            self._evict_drifted_and_overused(rnd, current, behaviour)
         total = aggregate_rewards(rnd.rewards_per_func.detach().float().cpu(), self.reward_weights.detach().cpu())
         fresh_global = torch.tensor([pos < p.num_fresh(k) for p in plan for pos in range(k)])
         metrics["buffer/fresh_reward"].append(torch.nanmean(total[fresh_global]).item())

@@ -17,6 +17,8 @@ from .store import Sample, SampleBuffer
 
 #: Selection rules for the historical members of a group.
 SELECTION_RULES = ("newest", "oldest", "uniform")
+#: Schedules of the historical members per group over a run.
+HISTORY_SCHEDULES = ("constant", "linear", "step")
 
 
 def resolve_num_historical(value: float, k: int) -> int:
@@ -47,6 +49,32 @@ def resolve_num_historical(value: float, k: int) -> int:
             "would ever be learned about its prompt)."
         )
     return h
+
+
+def resolve_history_horizon(value: float, max_steps: int) -> int:
+    """The step at which a history schedule reaches 0: ``0 < value ≤ 1`` is a fraction of ``max_steps`` (rounded
+    up), a whole ``value > 1`` a step count."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"buffer_history_horizon must be a fraction in (0, 1] or a step count > 1, got {value!r}")
+    if value > 1:
+        if value != int(value):
+            raise ValueError(f"buffer_history_horizon={value}: a value > 1 is a step count and must be a whole number")
+        return int(value)
+    if max_steps is None or max_steps <= 0:
+        raise ValueError(f"buffer_history_horizon={value} is a fraction of max_steps, which is not known; pass a count")
+    return max(1, math.ceil(value * max_steps))
+
+
+def scheduled_num_historical(h: int, step: int, schedule: str, horizon: int) -> int:
+    """Historical members per group at optimizer step ``step``: ``constant`` keeps ``h``; ``step`` keeps ``h`` before
+    ``horizon`` and 0 from it on; ``linear`` decays ``ceil(h · (1 − step/horizon))`` to 0 at ``horizon``."""
+    if schedule == "constant" or h == 0:
+        return h
+    if schedule == "step":
+        return h if step < horizon else 0
+    if schedule == "linear":
+        return max(0, math.ceil(h * (1 - step / horizon) - 1e-9))
+    raise ValueError(f"unknown history schedule {schedule!r}; expected one of {HISTORY_SCHEDULES}")
 
 
 def selection_seed(seed: int, step: int, key: str, occurrence: int = 0) -> int:

@@ -33,6 +33,7 @@ class Sample:
     rewards: list[float]  # one per reward function, NaN where a function returned None
     logps: torch.Tensor | None  # behaviour per-token log-probs, float32, shape (len(completion_ids),)
     step: int  # optimizer step (policy version) that generated it
+    uses: int = 0  # groups it has served as a historical member
 
 
 class SampleBuffer:
@@ -89,6 +90,21 @@ class SampleBuffer:
         if not uids:
             del self._by_key[sample.key]
 
+    def evict(self, uids) -> list[int]:
+        """Remove the given samples (those not in the buffer are ignored); returns the removed uids in order."""
+        removed = [uid for uid in dict.fromkeys(uids) if uid in self._entries]
+        for uid in removed:
+            self._remove(uid)
+        return removed
+
+    def record_uses(self, uids, max_reuse: int = 0) -> list[int]:
+        """Count one more use of each sample in ``uids``; with ``max_reuse`` > 0, evict those used that many times."""
+        for uid in uids:
+            self._entries[uid].uses += 1
+        if max_reuse <= 0:
+            return []
+        return self.evict([uid for uid in uids if uid in self._entries and self._entries[uid].uses >= max_reuse])
+
     def evict_stale(self, step: int, max_staleness: int) -> list[int]:
         """Remove the samples older than ``max_staleness`` optimizer steps at ``step`` (``step − s > max``)."""
         stale = [uid for uid, s in self._entries.items() if step - s.step > max_staleness]
@@ -113,7 +129,7 @@ class SampleBuffer:
     # --- persistence ---
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain containers and tensors only (loadable with ``torch.load(weights_only=True)``)."""
+        """Plain containers and tensors only (loadable with ``torch.load(weights_only=True)``), use counts included."""
         return {
             "capacity": self.capacity,
             "next_uid": self.next_uid,
@@ -126,6 +142,7 @@ class SampleBuffer:
                     "rewards": s.rewards,
                     "logps": s.logps,
                     "step": s.step,
+                    "uses": s.uses,
                 }
                 for s in self._entries.values()
             ],
@@ -136,7 +153,7 @@ class SampleBuffer:
         self._by_key.clear()
         for d in state["samples"]:
             sample = Sample(d["uid"], d["key"], list(d["completion_ids"]), d["completion"], list(d["rewards"]),
-                            d["logps"], d["step"])  # fmt: skip
+                            d["logps"], d["step"], int(d.get("uses", 0)))  # fmt: skip
             self._entries[sample.uid] = sample
             self._by_key.setdefault(sample.key, []).append(sample.uid)
         self.next_uid = int(state["next_uid"])
@@ -148,7 +165,7 @@ class SampleBuffer:
         h = hashlib.sha256()
         h.update(f"{self.next_uid}".encode())
         for s in self._entries.values():
-            h.update(json.dumps([s.uid, s.key, s.step, s.completion_ids, s.completion], default=str).encode())
+            h.update(json.dumps([s.uid, s.key, s.step, s.uses, s.completion_ids, s.completion], default=str).encode())
             h.update(repr(s.rewards).encode())  # repr round-trips floats exactly (and shows NaN)
             h.update(b"-" if s.logps is None else s.logps.numpy().tobytes())
         return h.hexdigest()
