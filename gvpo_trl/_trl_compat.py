@@ -14,6 +14,24 @@ from packaging.version import Version
 #: The TRL versions the test-suite passes on (keep in step with ``pyproject.toml``).
 SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [min, max)
 
+#: Multimodal keys of the generation output (vision-language models), forwarded by our loss seam to
+#: ``_get_per_token_logps_and_entropies`` as TRL's own ``_compute_loss`` does. ``pixel_values`` and the per-image
+#: tensors are flat over the images of all rows; ``split_pixel_values_by_grid`` turns them into per-row lists
+#: (``num_images``, ``num_tiles`` are per-row lists already) and ``unsplit_pixel_values_by_grid`` back.
+#: ``token_type_ids`` / ``mm_token_type_ids`` span prompt + completion: ``(B, P + C)``.
+MULTIMODAL_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
 #: Methods of ``trl.GRPOTrainer`` we override or call, with the leading parameters we pass or receive.
 GRPO_METHODS: dict[str, tuple[str, ...]] = {
     # called via super(); we post-process its output dict (keys in GRPO_OUTPUT_KEYS)
@@ -39,16 +57,7 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
         "batch_size",
         "compute_entropy",
         "compute_aux_loss",
-        "pixel_values",
-        "image_grid_thw",
-        "num_images",
-        "pixel_attention_mask",
-        "spatial_shapes",
-        "num_tiles",
-        "image_sizes",
-        "token_type_ids",
-        "mm_token_type_ids",
-        "image_position_ids",
+        *MULTIMODAL_FORWARD_KEYS,
     ),
     # called via super(); its RepeatSampler (attributes shuffle, seed, generator) is wrapped to reseed per epoch
     "_get_train_sampler": ("self", "dataset"),
@@ -76,23 +85,6 @@ GRPO_OPTIONAL_OUTPUT_KEYS = (
     "sampling_per_token_logps",  # re-padded when GPG joins generation rounds
 )
 
-#: Multimodal keys of that dict (vision-language models), forwarded by our loss seam to
-#: ``_get_per_token_logps_and_entropies`` as TRL's own ``_compute_loss`` does. ``pixel_values`` and the per-image
-#: tensors are flat over the images of all rows; ``split_pixel_values_by_grid`` turns them into per-row lists
-#: (``num_images``, ``num_tiles`` are per-row lists already) and ``unsplit_pixel_values_by_grid`` back.
-#: ``token_type_ids`` / ``mm_token_type_ids`` span prompt + completion: ``(B, P + C)``.
-MULTIMODAL_FORWARD_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
 
 #: Functions of ``trl.trainer.utils`` we call: the per-row split of the flat image tensors and its inverse (used where
 #: rows of a generation batch are regrouped or joined across generation rounds).

@@ -16,6 +16,10 @@ def tiny_model_path() -> str:
     return build_tiny_model(_MODEL_DIR)
 
 
+#: Settings of every CPU test run: no bf16 or checkpointing, no reporting, quiet, seeded.
+CPU_SETTINGS = dict(bf16=False, gradient_checkpointing=False, use_cpu=True, report_to=[], disable_tqdm=True, seed=0)
+
+
 def cpu_args(config_cls, output_dir, **overrides):
     """A config for fast CPU runs on the toy task; ``overrides`` win."""
     kwargs = dict(
@@ -26,13 +30,8 @@ def cpu_args(config_cls, output_dir, **overrides):
         learning_rate=1e-2,
         max_steps=4,
         logging_steps=1,
-        report_to=[],
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
         save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
+        **CPU_SETTINGS,
     )
     kwargs.update(overrides)
     return config_cls(**kwargs)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import CPU_SETTINGS  # top-level import: this file is also run as a script (the worker)
 
 K = 2  # group size in the training tests: 2 prompts x 2 completions per optimizer step
 
@@ -169,12 +170,7 @@ def train_two_steps(algorithm, model_dir, output_dir, lora=False, seen=None):
         save_strategy="steps",
         save_steps=2,
         save_only_model=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
+        **CPU_SETTINGS,
     )
     train, _ = build_datasets(num_eval=8, seed=0)
     peft_config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -343,12 +339,7 @@ def worker(spec_path: str, out_dir: str) -> None:
         max_steps=spec["max_steps"],
         logging_steps=1,
         save_strategy="no",
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
+        **CPU_SETTINGS,
     )
     train, _ = build_datasets(num_eval=8, seed=0)
     trainer = Recording(

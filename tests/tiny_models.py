@@ -39,6 +39,19 @@ def _done(path: Path, spec: dict) -> bool:
     return marker.exists() and json.loads(marker.read_text()) == spec
 
 
+def _save(path, model_cls, config, tokenizer, spec, seed) -> str:
+    """Build ``model_cls(config)`` under ``seed``, save it with its tokenizer to ``path`` and mark the folder built."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    _mark(path, spec)
+    return str(path)
+
+
 def _mark(path: Path, spec: dict) -> None:
     (path / "gvpo_trl_tiny.json").write_text(json.dumps(spec))
 
@@ -65,7 +78,6 @@ def build_tiny_moe(path: str | os.PathLike | None = None, seed: int = 0, chat_te
     """A randomly initialised 2-layer Qwen3-MoE (4 experts, 2 per token; its config declares
     ``router_aux_loss_coef=0.001`` and ``output_router_logits``) with :func:`build_chat_tokenizer`. With
     ``chat_template`` (e.g. TRL's ``qwen3_chat_template``) the tokenizer can render tool-calling conversations."""
-    import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     path = Path(path or ROOT / ("tiny-qwen3-moe" + ("-chat" if chat_template else "")))
@@ -90,13 +102,7 @@ def build_tiny_moe(path: str | os.PathLike | None = None, seed: int = 0, chat_te
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    _mark(path, spec)
-    return str(path)
+    return _save(path, Qwen3MoeForCausalLM, config, tokenizer, spec, seed)
 
 
 def _vl_processor_class():
@@ -130,7 +136,6 @@ def tiny_qwen2_vl_processor(path: str | os.PathLike):
 def build_tiny_qwen2_vl(path: str | os.PathLike | None = None, seed: int = 0) -> str:
     """A randomly initialised tiny Qwen2-VL (1 vision block, 2 text layers) and its tokenizer, written to ``path``;
     its processor is :func:`tiny_qwen2_vl_processor`."""
-    import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     path = Path(path or ROOT / "tiny-qwen2-vl")
@@ -173,10 +178,4 @@ def build_tiny_qwen2_vl(path: str | os.PathLike | None = None, seed: int = 0) ->
         vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    _mark(path, spec)
-    return str(path)
+    return _save(path, Qwen2VLForConditionalGeneration, config, tokenizer, spec, seed)
