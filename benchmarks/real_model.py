@@ -7,7 +7,9 @@ seed, and is evaluated before and after (mean reward of ``--k`` sampled completi
 held-out additions, TRL's ``evaluate`` under a fixed seed). Each algorithm keeps its own defaults otherwise (GVPO
 and GSPO make 4 optimizer steps per rollout; GPG and GRPO generate for every step, GPG resamples prompts while too
 few groups have reward variance). Arms: ``gvpo``, ``gvpo-lora``, ``gpg``, ``gspo``, ``grpo`` (full fine-tuning,
-except ``gvpo-lora``: r=16, alpha=32 on q/k/v/o at ``--lora_lr``).
+except ``gvpo-lora``: r=16, alpha=32 on q/k/v/o at ``--lora_lr``). ``gvpo-mixed`` (not in the default set) is the
+mixed-buffer recipe of docs/mixed_buffers.md for twice the steps at half the learning rate; with ``--num_train 16``
+the prompts recur often enough for history (the real-model check of docs/mixed_buffers.md).
 
 Each arm runs in its own subprocess, so its peak memory (``ru_maxrss``; on CUDA also ``max_memory_allocated``) is
 its own. Written to ``--output_dir``: ``results.json``, ``results.md`` (the table) and ``reward_curve.png``.
@@ -28,7 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ARMS = ("gvpo", "gvpo-lora", "gpg", "gspo", "grpo")
+ARMS = ("gvpo", "gvpo-lora", "gpg", "gspo", "grpo", "gvpo-mixed")
+#: gvpo-mixed: the mixed-buffer recipe of docs/mixed_buffers.md (half of each group from history, half the learning
+#: rate, β = 0.3, a drift guard) for twice the steps, so that it generates about as many tokens as the gvpo arm.
+MIXED_RECIPE = dict(buffer_history_per_group=0.5, buffer_max_staleness=32, buffer_selection="newest",
+                    buffer_max_drift=0.15, gvpo_beta=0.3)  # fmt: skip
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 #: --device cuda: a larger budget that fits about 10 minutes for all arms on one recent GPU (not run: see
 #: docs/real_model.md). Explicit flags override it.
@@ -50,6 +56,10 @@ def run_arm(arm: str, args) -> dict:
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else gvpo_trl.TRAINERS[algorithm]
     cuda = args.device == "cuda"
     train, held_out = build_datasets(num_eval=args.num_eval, seed=args.seed)
+    if args.num_train:  # fewer prompts recur sooner: the mixed buffer reuses a prompt's samples when it recurs
+        train = train.select(range(min(args.num_train, len(train))))
+    mixed = arm == "gvpo-mixed"
+    recipe = MIXED_RECIPE if mixed else {}
     with tempfile.TemporaryDirectory() as output_dir:
         config = config_cls(
             output_dir=output_dir,
@@ -58,8 +68,8 @@ def run_arm(arm: str, args) -> dict:
             num_generations=args.k,
             max_completion_length=args.max_completion_length,
             temperature=1.0,
-            learning_rate=args.lora_lr if arm.endswith("lora") else args.lr,
-            max_steps=args.steps,
+            learning_rate=args.lora_lr if arm.endswith("lora") else args.lr * (0.5 if mixed else 1.0),
+            max_steps=args.steps * (2 if mixed else 1),
             logging_steps=1,
             seed=args.seed,
             bf16=args.bf16,
@@ -68,6 +78,7 @@ def run_arm(arm: str, args) -> dict:
             save_strategy="no",
             report_to=[],
             disable_tqdm=True,
+            **recipe,
         )
         trainer = trainer_cls(
             model=materialize_smollm2(),
@@ -101,6 +112,13 @@ def run_arm(arm: str, args) -> dict:
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "curve": [(e["step"], e["reward"]) for e in logs],
+        # generated tokens (running total) and the reward of the freshly generated members, per generation
+        "generated_tokens": max((e.get("buffer/generated_tokens_total", 0) for e in logs), default=0),
+        "fresh_curve": [
+            (e["buffer/generated_tokens_total"], e.get("buffer/fresh_reward", e["reward"]))
+            for e in logs
+            if "buffer/generated_tokens_total" in e
+        ],
     }
 
 
@@ -161,7 +179,7 @@ def write_report(results: list[dict], args, out: Path, command: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--algorithms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--algorithms", nargs="+", default=list(ARMS[:5]), choices=ARMS)
     parser.add_argument("--steps", type=int, help=f"optimizer steps per arm (CPU {CPU_DEFAULTS['steps']}, GPU 100)")
     parser.add_argument("--batch", type=int, help="completions per optimizer step (CPU 8, GPU 32)")
     parser.add_argument("--k", type=int, help="group size (4)")
@@ -170,6 +188,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate, full fine-tuning")
     parser.add_argument("--lora_lr", type=float, default=2e-4, help="learning rate, gvpo-lora")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_train", type=int, help="train on only the first N training prompts (all 57 by default)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     parser.add_argument("--output_dir", default="outputs/real_model_benchmark")
