@@ -27,6 +27,7 @@ from torch.utils.data import Sampler
 from trl import GRPOConfig, GRPOTrainer
 
 from . import checkpoints
+from ._trl_compat import MULTIMODAL_FORWARD_KEYS
 from .buffer import BufferArgs, BufferMixin, buffer_enabled, check_buffer_config
 from .columns import ADVANTAGES, GROUP_ID, REWARDS
 from .groups import aggregate_rewards, count_groups, group_sizes, zero_variance_groups
@@ -283,8 +284,6 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
-        from ._trl_compat import MULTIMODAL_FORWARD_KEYS
-
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             input_ids,
