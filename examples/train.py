@@ -48,8 +48,17 @@ from gvpo_trl.smollm2 import materialize_smollm2
 
 ALGORITHMS = {**TRAINERS, "grpo": (GRPOConfig, GRPOTrainer)}
 
-# Applied only to the flags the user did not pass, and only for the offline quickstart. GRPOConfig's own defaults
-# (bf16=True, gradient_checkpointing=True, learning_rate=1e-6, 512-token completions) are meant for GPUs.
+# Settings of both CPU-sized presets below: GRPOConfig's bf16 and gradient checkpointing are meant for GPUs.
+CPU_FRIENDLY = dict(
+    bf16=False,
+    gradient_checkpointing=False,
+    use_cpu=not torch.cuda.is_available(),
+    save_strategy="no",
+    report_to="none",
+)
+
+# Applied only to the flags the user did not pass, and only for the offline quickstart (GRPOConfig's learning_rate
+# 1e-6 and 512-token completions are meant for real models on GPUs).
 QUICKSTART_DEFAULTS = dict(
     per_device_train_batch_size=16,  # 4 prompts x 4 completions
     per_device_eval_batch_size=64,
@@ -59,11 +68,7 @@ QUICKSTART_DEFAULTS = dict(
     learning_rate=3e-3,
     max_steps=1600,
     logging_steps=50,
-    bf16=False,
-    gradient_checkpointing=False,
-    use_cpu=not torch.cuda.is_available(),
-    save_strategy="no",
-    report_to="none",
+    **CPU_FRIENDLY,
 )
 # Measured on the toy task (docs/examples.md). With larger learning rates GPG and GSPO collapse (all completions
 # alike). GPG stops at 800 steps: once the task is solved its resampling of all-correct (zero-variance) groups makes
@@ -74,7 +79,7 @@ QUICKSTART_PER_ALGORITHM = {
 }
 
 # `--model smollm2`: applied to the flags the user did not pass. Measured in docs/real_model.md (2-core CPU, one
-# thread: about 15 s per optimizer step with full fine-tuning, generation included).
+# thread: 6-17 s per optimizer step with full fine-tuning, generation included).
 SMOLLM2_DEFAULTS = dict(
     per_device_train_batch_size=8,  # 2 prompts x 4 completions
     per_device_eval_batch_size=32,
@@ -84,11 +89,7 @@ SMOLLM2_DEFAULTS = dict(
     learning_rate=1e-5,
     max_steps=60,
     logging_steps=5,
-    bf16=False,
-    gradient_checkpointing=False,
-    use_cpu=not torch.cuda.is_available(),
-    save_strategy="no",
-    report_to="none",
+    **CPU_FRIENDLY,
 )
 SMOLLM2_NUM_EVAL = 24  # held-out additions (of 81), never trained on
 

@@ -111,8 +111,7 @@ class GroupConfig(BufferArgs, GRPOConfig):
             raise ValueError(
                 f"{name}: per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple of "
                 f"num_generations ({self.num_generations}) when steps_per_generation ({self.steps_per_generation}) "
-                "> 1: "
-                "each micro-step must hold whole groups, and a group cannot span micro-steps. Raise "
+                "> 1: each micro-step must hold whole groups, and a group cannot span micro-steps. Raise "
                 "per_device_train_batch_size, or set steps_per_generation=1 (then a group may span processes)."
             )
         for needed_by, remedy in self.whole_group_needs():
@@ -169,7 +168,6 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
             for func, func_name in zip(self.reward_funcs, self.reward_func_names, strict=True)
         ]
         self._warned_nonfinite_reward = False
-        self._nonfinite_loss = False
 
     # --- to implement ----------------------------------------------------------------------------------------------
 
@@ -334,8 +332,8 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
             if (sizes != expected_size).any():
                 raise RuntimeError(
                     f"{type(self).__name__}: a micro-step holds a partial group (group sizes "
-                    f"{sizes.unique().tolist()}, "
-                    f"expected {expected_size}); the group statistic would be wrong. This is a bug in gvpo-trl's "
+                    f"{sizes.unique().tolist()}, expected {expected_size}); the group statistic would be wrong. This "
+                    "is a bug in gvpo-trl's "
                     "group-preserving split: please report it with your batch-size settings."
                 )
         return all_ids, count_groups(all_ids)

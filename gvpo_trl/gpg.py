@@ -20,7 +20,7 @@ from ._trl_compat import GRPO_LOSS_FIELDS, refuse_unused_grpo_fields
 from .base import GroupConfig, GroupTrainer
 from .columns import behaviour_logps
 from .groups import group_centered, group_std, sequence_sum, zero_variance_groups
-from .rows import check_per_row, concat_generation_outputs, merge_images, split_images, take_rows
+from .rows import concat_generation_outputs, merge_images, split_images, take_rows
 
 # --- math (pure functions) ---
 
@@ -404,8 +404,6 @@ class GPGTrainer(GroupTrainer):
         fill = [(rounds, rows) for rows in zero[: local_groups - len(kept)]]
         # image tensors as per-row lists, so that each row's images travel with it
         outputs = [split_images(output) for output in outputs]
-        for output in outputs:
-            check_per_row(output, output["group_id"].numel())
         parts = [take_rows(outputs[r], rows) for r, rows in kept + fill]
         pad_id = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
         batch = merge_images(concat_generation_outputs(parts, pad_id))

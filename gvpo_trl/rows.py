@@ -44,11 +44,13 @@ PROMPT_COMPLETION_KEYS = frozenset({"token_type_ids", "mm_token_type_ids"})
 
 
 def split_images(batch: dict[str, Any]) -> dict[str, Any]:
-    """``batch`` with its flat image tensors as per-row lists (TRL's ``split_pixel_values_by_grid``); unchanged
-    without images."""
+    """``batch`` with its flat image tensors as per-row lists (TRL's ``split_pixel_values_by_grid``; unchanged
+    without images), checked to hold one entry per row (:func:`check_per_row`), so that rows can be moved."""
     from trl.trainer.utils import split_pixel_values_by_grid
 
-    return split_pixel_values_by_grid(batch)
+    batch = split_pixel_values_by_grid(batch)
+    check_per_row(batch, batch[GROUP_ID].numel())
+    return batch
 
 
 def merge_images(batch: dict[str, Any]) -> dict[str, Any]:
@@ -113,9 +115,9 @@ def pad_to_width(value: torch.Tensor, width: int, pad_value: float, left: bool) 
     return torch.cat([padding, value] if left else [value, padding], dim=1)
 
 
-def _concat_prompt_completion(parts: list[dict[str, Any]], key: str) -> torch.Tensor:
-    """Stack a ``(B, P + C)`` key of several generation outputs: the prompt part (``P`` = the part's ``prompt_ids``
-    width) re-padded on the left, the completion part on the right, both with 0."""
+def _widen_prompt_completion(parts: list[dict[str, Any]], key: str) -> list[torch.Tensor]:
+    """A ``(B, P + C)`` key of several generation outputs re-padded to common widths: the prompt part (``P`` = the
+    part's ``prompt_ids`` width) on the left, the completion part on the right, both with 0."""
     halves = []
     for part in parts:
         value, width = part[key], part["prompt_ids"].size(1)
@@ -127,21 +129,19 @@ def _concat_prompt_completion(parts: list[dict[str, Any]], key: str) -> torch.Te
         halves.append((value[:, :width], value[:, width:]))
     prompt_width = max(p.size(1) for p, _ in halves)
     completion_width = max(c.size(1) for _, c in halves)
-    return torch.cat(
-        [torch.cat([pad_to_width(p, prompt_width, 0, True), pad_to_width(c, completion_width, 0, False)], 1)
-         for p, c in halves]
-    )  # fmt: skip
+    return [torch.cat([pad_to_width(p, prompt_width, 0, True), pad_to_width(c, completion_width, 0, False)], 1)
+            for p, c in halves]  # fmt: skip
 
 
 def concat_generation_outputs(parts: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Stack the rows of several generation outputs into one, re-padding ``(B, T)`` tensors to a common width.
 
     Prompt tensors are re-padded on the left and completion-aligned tensors on the right (see ``PAD_VALUES``), so
-    every row keeps its tokens at the positions TRL's loss expects; ``PROMPT_COMPLETION_KEYS`` on both sides. 1-D
-    tensors and lists (also the per-row image lists of :func:`split_images`: pass split parts and merge the result)
-    are concatenated; a 0-D tensor is taken from the first part (the caller recomputes batch-level scalars such as
-    ``num_items_in_batch``). Raises ``ValueError`` for a key missing from some part, or a tensor of unknown padding
-    (e.g. image tensors padded per batch), rather than guess.
+    every row keeps its tokens at the positions TRL's loss expects; ``PROMPT_COMPLETION_KEYS`` on both sides. The
+    widened parts are then stacked by :func:`concat_rows` (1-D tensors and lists, also the per-row image lists of
+    :func:`split_images`: pass split parts and merge the result; a 0-D tensor is taken from the first part, so the
+    caller recomputes batch-level scalars such as ``num_items_in_batch``). Raises ``ValueError`` for a key missing
+    from some part, or a tensor of unknown padding (e.g. image tensors padded per batch), rather than guess.
     """
     if not parts:
         raise ValueError("nothing to concatenate")
@@ -149,38 +149,33 @@ def concat_generation_outputs(parts: list[dict[str, Any]], pad_token_id: int) ->
     for part in parts[1:]:
         if set(part) != set(keys):
             raise ValueError(f"generation outputs have different keys: {sorted(keys)} vs {sorted(part)}")
-    out: dict[str, Any] = {}
+    widened = [dict(part) for part in parts]
     for key in keys:
         values = [part[key] for part in parts]
         first = values[0]
-        if key in PROMPT_COMPLETION_KEYS and isinstance(first, torch.Tensor) and first.ndim == 2:
-            out[key] = _concat_prompt_completion(parts, key)
-        elif isinstance(first, torch.Tensor) and first.ndim == 0:
-            out[key] = first
-        elif isinstance(first, torch.Tensor) and first.ndim == 1:
-            out[key] = torch.cat(values, dim=0)
+        if isinstance(first, torch.Tensor) and first.ndim == 2 and key in PROMPT_COMPLETION_KEYS:
+            values = _widen_prompt_completion(parts, key)
         elif isinstance(first, torch.Tensor) and first.ndim == 2 and key in PAD_VALUES:
             pad_value = pad_token_id if PAD_VALUES[key] == "pad_token" else PAD_VALUES[key]
             width = max(value.size(1) for value in values)
-            left = key in LEFT_PADDED
-            out[key] = torch.cat([pad_to_width(value, width, pad_value, left) for value in values], dim=0)
-        elif isinstance(first, list):
-            out[key] = [item for value in values for item in value]
-        elif first is None or isinstance(first, (bool, int, float, str)):
-            out[key] = first
-        else:
+            values = [pad_to_width(value, width, pad_value, key in LEFT_PADDED) for value in values]
+        elif (
+            isinstance(first, torch.Tensor)
+            and first.ndim > 1
+            or not (isinstance(first, (torch.Tensor, list, bool, int, float, str)) or first is None)
+        ):
             shape = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
             raise ValueError(
                 f"cannot concatenate the generation output {key!r} ({shape}) across generation rounds: its padding "
                 "is unknown (image tensors that TRL pads per batch, as for Idefics-style models, are not supported "
                 "there). Set min_valid_fraction=0 to train GPG without extra generation rounds."
             )
-    return out
+        for part, value in zip(widened, values, strict=True):
+            part[key] = value
+    return concat_rows(widened)
 
 
-def regroup_batches(
-    batches: list[dict[str, Any]], group_key: str = GROUP_ID, generator: torch.Generator | None = None
-) -> list[dict[str, Any]]:
+def regroup_batches(batches: list[dict[str, Any]], generator: torch.Generator | None = None) -> list[dict[str, Any]]:
     """Re-split ``len(batches)`` micro-batches so that each holds whole groups, in a random order of groups.
 
     ``batches`` are slices of one shuffled batch (as TRL's ``_prepare_inputs`` leaves them); rows of a group may sit in
@@ -189,10 +184,8 @@ def regroup_batches(
     move with their rows (:func:`split_images`); an entry that is not per row raises ``ValueError``.
     """
     batches = [split_images(batch) for batch in batches]
-    for batch in batches:
-        check_per_row(batch, batch[group_key].numel())
     merged = concat_rows(batches)
-    group_ids = merged[group_key]
+    group_ids = merged[GROUP_ID]
     num_slices = len(batches)
     unique = torch.unique(group_ids)
     order = unique[torch.randperm(unique.numel(), generator=generator)]

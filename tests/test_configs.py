@@ -95,7 +95,7 @@ def test_degenerate_batches_train_without_nan_and_show_in_metrics(tmp_path, algo
         for key in ("loss", "grad_norm", *DEGENERATE_METRICS[algorithm]):
             assert h[key] is not None and math.isfinite(h[key]), (key, h)
     generation_logs = [h for h in logs if "groups/zero_variance_frac" in h]  # logged at generation steps
-    assert len(generation_logs) >= 3
+    assert len(generation_logs) == 3  # max_steps 6, steps_per_generation 2
     assert max(h["groups/zero_variance_frac"] for h in generation_logs) >= 0.5
     assert max(h["groups/unscorable_frac"] for h in generation_logs) > 0
     if algorithm == "gpg":

@@ -107,18 +107,12 @@ class SampleBuffer:
 
     def evict_stale(self, step: int, max_staleness: int) -> list[int]:
         """Remove the samples older than ``max_staleness`` optimizer steps at ``step`` (``step − s > max``)."""
-        stale = [uid for uid, s in self._entries.items() if step - s.step > max_staleness]
-        for uid in stale:
-            self._remove(uid)
-        return stale
+        return self.evict([uid for uid, s in self._entries.items() if step - s.step > max_staleness])
 
     def evict_over_capacity(self) -> list[int]:
         """Remove the oldest samples (first in, first out) until at most ``capacity`` remain."""
         excess = len(self._entries) - self.capacity
-        oldest = list(self._entries)[: max(excess, 0)]
-        for uid in oldest:
-            self._remove(uid)
-        return oldest
+        return self.evict(list(self._entries)[: max(excess, 0)])
 
     def candidates(self, key: str, step: int, max_staleness: int, exclude: set[int] | frozenset = frozenset()):
         """The samples of prompt ``key`` usable at ``step`` (staleness ``step − s ≤ max_staleness``), oldest first."""
