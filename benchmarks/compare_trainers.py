@@ -24,7 +24,7 @@ import tempfile
 import time
 
 #: The best of a small sweep (3e-4 to 1e-1, seed 0) for each trainer on this task at 240 steps (docs/gpg_gspo.md).
-DEFAULT_LR = {"grpo": 1e-3, "gvpo": 3e-3, "gpg": 3e-3, "gspo": 1e-2}
+DEFAULT_LR = {"grpo": 1e-3, "gvpo": 3e-3, "gpg": 1e-3, "gspo": 3e-3}
 
 
 def build(algorithm: str, output_dir: str, steps: int, lr: float, seed: int, overrides: dict | None = None):
