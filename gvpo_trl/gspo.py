@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from .base import GroupConfig, GroupTrainer
 from .columns import behaviour_logps
+from .config import GroupConfig
 from .groups import group_centered, group_std, sequence_mean, zero_variance_groups
+from .trainer import GroupTrainer
 
 # --- math (pure functions) ---
 

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from .base import GroupConfig, GroupTrainer
 from .columns import ADVANTAGES, GROUP_ID
+from .config import GroupConfig
 from .groups import count_groups, group_centered, group_mean, group_sizes, sequence_sum
+from .trainer import GroupTrainer
 
 # --- math (pure functions) ---------------------------------------------------------------------------------------
 
