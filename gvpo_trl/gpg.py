@@ -19,23 +19,23 @@ import torch
 from ._trl_compat import GRPO_LOSS_FIELDS, refuse_unused_grpo_fields
 from .columns import ADVANTAGES, GROUP_ID, REWARDS, behaviour_logps
 from .config import GroupConfig
-from .groups import group_centered, group_std, sequence_sum, zero_variance_groups
+from .groups import group_centred, group_std, sequence_sum, zero_variance_groups
 from .trainer import GroupTrainer
 
 # --- math (pure functions) ---
 
 
 def gpg_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, std_normalize: bool = False, eps: float = 1e-4
+    rewards: torch.Tensor, group_ids: torch.Tensor, std_normalise: bool = False, eps: float = 1e-4
 ) -> torch.Tensor:
     """``Â_i = (R_i − R̄) / F_norm`` (Eq. 6), shape ``(B,)``.
 
-    ``R̄`` is the group ``nanmean``; ``F_norm = 1`` (default, the paper's best) or, with ``std_normalize``, the
+    ``R̄`` is the group ``nanmean``; ``F_norm = 1`` (default, the paper's best) or, with ``std_normalise``, the
     unbiased group std ``+ eps`` (authors: ``.std(dim=1)`` then ``+ 1e-4``). A NaN reward gives 0, and every row of a
     zero-variance group (all equal, or fewer than 2 valid rewards) gives exactly 0, never NaN or a rounding residue.
     """
-    advantages = group_centered(rewards, group_ids)
-    if std_normalize:
+    advantages = group_centred(rewards, group_ids)
+    if std_normalise:
         advantages = advantages / (group_std(rewards, group_ids) + eps)
     advantages = torch.where(zero_variance_groups(rewards, group_ids), torch.zeros_like(advantages), advantages)
     return torch.nan_to_num(advantages, nan=0.0)
@@ -62,7 +62,7 @@ def gpg_loss(
     mask: torch.Tensor,
     alpha: float | torch.Tensor,
     importance_weights: torch.Tensor | None = None,
-    token_normalizer: float | torch.Tensor | None = None,
+    token_normaliser: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``α · Σ_{i,t} −log π_θ(y_i,t) · Â_i · w_i · mask_i,t / Σ_{i,t} mask_i,t`` (Eq. 5 and 8), a scalar.
 
@@ -72,7 +72,7 @@ def gpg_loss(
     Token mean: the authors take it over the LOCAL micro-batch of one process
     (``(per_token_loss * completion_mask).sum() / completion_mask.sum()``, gpg_trainer.py:303), so with several
     processes or uneven lengths it is not the global token mean. By default this function does the same (local
-    ``Σ mask``). ``token_normalizer``, when given, replaces that denominator: pass the global token count of the batch
+    ``Σ mask``). ``token_normaliser``, when given, replaces that denominator: pass the global token count of the batch
     the gradient is meant to average over (divided by the world size if DDP averages gradients over processes) to make
     N processes equal one. Either denominator is clamped to ≥ 1, so an all-empty batch gives 0, not NaN.
     """
@@ -83,10 +83,10 @@ def gpg_loss(
         coef = coef * importance_weights.detach().unsqueeze(1)
     per_token_loss = -per_token_logps * coef
     total = sequence_sum(per_token_loss, mask).sum()
-    if token_normalizer is None:
+    if token_normaliser is None:
         denominator = mask.sum().to(per_token_logps.dtype)
     else:
-        denominator = torch.as_tensor(token_normalizer, dtype=per_token_logps.dtype, device=per_token_logps.device)
+        denominator = torch.as_tensor(token_normaliser, dtype=per_token_logps.dtype, device=per_token_logps.device)
     return alpha * total / denominator.clamp(min=1.0)
 
 
@@ -200,7 +200,7 @@ class GPGTrainer(GroupTrainer):
     needs_behaviour_logps = True  # mixed buffer: a reused member is weighted against its stored log-probs
 
     def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-        return gpg_advantages(rewards, group_ids, std_normalize=self.args.scale_rewards == "group")
+        return gpg_advantages(rewards, group_ids, std_normalise=self.args.scale_rewards == "group")
 
     def group_loss(
         self, inputs: dict[str, Any], per_token_logps: torch.Tensor, mask: torch.Tensor
@@ -227,7 +227,7 @@ class GPGTrainer(GroupTrainer):
             mask,
             alpha,
             importance_weights=weights,
-            token_normalizer=num_tokens / self.accelerator.num_processes,
+            token_normaliser=num_tokens / self.accelerator.num_processes,
         )
         metrics["gpg/alpha"] = alpha
         metrics["gpg/valid_fraction"] = (num_groups - num_zero) / max(num_groups, 1)
