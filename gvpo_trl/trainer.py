@@ -18,7 +18,8 @@ Rewards (``_calculate_rewards``): TRL's → the buffer's stored rewards for hist
 unscorable, ``gvpo_trl.guards``) → kept raw here for step 2. Training: ``_prepare_inputs`` re-splits TRL's shuffled
 generation batch so that every micro-step holds whole groups; ``_compute_loss`` computes the policy's per-token
 log-probs and hands them to the algorithm's ``group_loss``; the guards stop on a non-finite loss or gradient norm.
-Checkpoints: the run identity (``gvpo_trl.checkpoints``) and the buffer state are written beside TRL's files.
+Checkpoints: the run identity (``gvpo_trl.checkpoints``), the buffer state and the carried groups of dynamic sampling
+are written beside TRL's files.
 """
 
 from __future__ import annotations
@@ -98,7 +99,14 @@ class GroupTrainer(NonFiniteGuards, BufferMixin, GRPOTrainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            checkpoints.write_run_identity(checkpoints.checkpoint_dir(self, trial), checkpoints.run_identity(self))
+            folder = checkpoints.checkpoint_dir(self, trial)
+            checkpoints.write_run_identity(folder, checkpoints.run_identity(self))
+            self.dynamic_sampling.save(folder)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.dynamic_sampling.load(checkpoint)
 
     def _get_train_sampler(self, dataset=None):
         return EpochSeededSampler(super()._get_train_sampler(dataset))
