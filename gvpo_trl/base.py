@@ -26,13 +26,20 @@ import torch
 from torch.utils.data import Sampler
 from trl import GRPOConfig, GRPOTrainer
 
-from . import checkpoints
+from . import checkpoint_integrity, checkpoints, generation_checks, nonfinite_causes
 from ._trl_compat import MULTIMODAL_FORWARD_KEYS
 from .buffer import BufferArgs, BufferMixin, buffer_enabled, check_buffer_config
 from .columns import ADVANTAGES, GROUP_ID, REWARDS
 from .groups import aggregate_rewards, count_groups, group_sizes, zero_variance_groups
 from .rows import regroup_batches
-from .validation import check_dataset, check_finite_fields, check_lengths, check_prompts, checked_reward_function
+from .validation import (
+    check_dataset,
+    check_finite_fields,
+    check_lengths,
+    check_prompts,
+    check_reward_models,
+    checked_reward_function,
+)
 
 
 def check_whole_groups_per_process(args: Any, name: str, needed_by: str, remedy: str) -> None:
@@ -81,6 +88,8 @@ class GroupConfig(BufferArgs, GRPOConfig):
             )
         check_finite_fields(self, name)
         check_lengths(self, name)
+        generation_checks.check_sampling_settings(self, name)
+        generation_checks.check_schedule(self, name)
         self.validate()
         algorithm = name.removesuffix("Config")
         # GRPOTrainer's own loss terms that GroupTrainer's loss seam does not carry over
@@ -145,6 +154,10 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
 
     config_class: type[GroupConfig] = GroupConfig
     metric_prefix: str = "group"
+    # read by the generation seams; class-level so that a trainer built without __init__ (TRL's tests) has them
+    _max_positions: int | None = None
+    _loss_inputs: dict[str, Any] | None = None
+    _warned_greedy: bool = False
 
     def __init__(self, model, reward_funcs=None, args=None, *extra, **kwargs):
         if args is None:
@@ -156,12 +169,18 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
                 f"algorithm), got {type(args).__name__}. Build one with {self.config_class.__name__}(...)."
             )
         self._rewards_per_func: torch.Tensor | None = None
+        check_reward_models(reward_funcs, type(self).__name__)  # before TRL reads a module's config
         super().__init__(model, reward_funcs, args, *extra, **kwargs)
         name = type(self).__name__
-        check_dataset(self.train_dataset, "train", name)
+        filled = self.environment_factories is not None  # reset() supplies the observation: an empty prompt is fine
+        check_dataset(self.train_dataset, "train", name, prompt_filled=filled)
         evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
         for split, dataset in evals.items():
-            check_dataset(dataset, split, name)
+            check_dataset(dataset, split, name, prompt_filled=filled)
+        generation_checks.check_dataset_fills_a_generation_batch(self.train_dataset, self.args, self.num_generations,
+                                                                 name)  # fmt: skip
+        self._max_positions = generation_checks.model_max_positions(self.model)
+        generation_checks.check_completion_length_fits(self.args.max_completion_length, self._max_positions, name)
         # a malformed reward output must name its function, not fail inside TRL's tensor conversion
         self.reward_funcs = [
             func if isinstance(func, torch.nn.Module) else checked_reward_function(func, func_name)
@@ -184,21 +203,24 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
     # --- seams -----------------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+        checkpoint = checkpoint_integrity.resolve_resume(resume_from_checkpoint, self)  # the newest complete one
         if checkpoint:
-            checkpoints.check_resume(str(checkpoint), checkpoints.run_identity(self), type(self).__name__)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+            checkpoints.check_resume(checkpoint, checkpoints.run_identity(self), type(self).__name__)
+        return super().train(checkpoint or resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            checkpoints.write_run_identity(checkpoints.checkpoint_dir(self, trial), checkpoints.run_identity(self))
+        folder = checkpoints.checkpoint_dir(self, trial)
+        with checkpoint_integrity.saving(folder, self):  # complete-or-unmarked: the marker is written last
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                checkpoints.write_run_identity(folder, checkpoints.run_identity(self))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        with checkpoint_integrity.loading_optimizer(checkpoint, self):  # a failure names the checkpoint's files
+            super()._load_optimizer_and_scheduler(checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._loss_inputs = inputs  # for naming the cause of a non-finite value
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # every process learns whether any loss is non-finite, so that all stop together, before the backward
         bad = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
@@ -221,11 +243,12 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         if mode == "train":
             self.log({f"nonfinite/{what.replace(' ', '_')}": value})
+        cause = nonfinite_causes.nonfinite_cause(self.args, self._loss_inputs)
+        look = f"Likely cause: {cause}" if cause else ("Look at the last logged metrics (groups/nonfinite_reward_frac, "
+                                                       "the reward functions' outputs, the learning rate)")  # fmt: skip
         raise FloatingPointError(
             f"{type(self).__name__}: the {what} is {state} (this process: {value}) at step {self.state.global_step} "
-            f"({mode}); stopping before it reaches the parameters. Look at the last logged metrics "
-            "(groups/nonfinite_reward_frac, the reward functions' outputs, the learning rate) and resume from the last "
-            "checkpoint with a fix."
+            f"({mode}); stopping before it reaches the parameters. {look} Resume from the last checkpoint with a fix."
         )
 
     def _get_train_sampler(self, dataset=None):
@@ -250,7 +273,7 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
         return rewards
 
     def _generate_and_score_completions(self, inputs):
-        check_prompts([row["prompt"] for row in inputs], type(self).__name__)
+        check_prompts(inputs, type(self).__name__, prompt_filled=self.environment_factories is not None)
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         k = self.group_size
@@ -264,7 +287,33 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
             zero_variance_groups(rewards, group_ids).float().mean().item()
         )
         self._metrics[mode]["groups/unscorable_frac"].append(torch.isnan(rewards).float().mean().item())
+        self._record_identical_groups(output, group_ids[local], mode)
         return output
+
+    def _generate(self, prompts):
+        output = super()._generate(prompts)
+        source = "rollout_func" if self.rollout_func is not None else "generation"
+        vocab = generation_checks.policy_vocab_size(self.model) if self.rollout_func is not None else None
+        generation_checks.check_completion_ids(output[1], vocab, type(self).__name__, source)
+        return output
+
+    def _tokenize_prompts(self, prompts):
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        generation_checks.check_prompt_lengths(prompt_ids, self.args.max_completion_length, self._max_positions,
+                                               type(self).__name__)  # fmt: skip
+        return prompt_ids, images, multimodal_fields
+
+    def _record_identical_groups(self, output, local_group_ids, mode) -> None:
+        """``groups/identical_frac``: groups whose members are all the same completion (greedy-like sampling); warned
+        once when a whole generation batch is such."""
+        ids = self.accelerator.pad_across_processes(output["completion_ids"], dim=1)
+        mask = self.accelerator.pad_across_processes(output["completion_mask"], dim=1)
+        gather = self.accelerator.gather
+        same = generation_checks.identical_groups(gather(ids), gather(mask), gather(local_group_ids))
+        self._metrics[mode]["groups/identical_frac"].append(same.float().mean().item())
+        if mode == "train" and same.all() and not self._warned_greedy:
+            self._warned_greedy = True
+            warnings.warn(generation_checks.greedy_warning(type(self).__name__, self.args, same.numel()), stacklevel=2)
 
     def _prepare_inputs(self, generation_batch):
         before = self._buffered_inputs

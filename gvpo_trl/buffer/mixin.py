@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
+from ..checkpoint_integrity import check_buffer_state
 from ..checkpoints import checkpoint_dir
 from ..columns import BEHAVIOUR_LOGPS, IS_EXTERNAL, IS_HISTORICAL, STALENESS
+from ..generation_checks import check_completion_ids, policy_vocab_size
 from ..groups import aggregate_rewards
 from .config import BufferArgs, buffer_enabled, check_buffer_config
 from .planning import (
@@ -85,6 +87,11 @@ class BufferMixin:
     #: Trainers whose loss weighs off-policy members by the behaviour policy (GSPO, GPG) set this: they refuse
     #: external completions that come without log-probs.
     needs_behaviour_logps: bool = False
+    # what _generate reads, defined for a trainer built without __init__ (as TRL's own rollout tests build one)
+    _buffer_round: Round | None = None
+    _buffer_enabled: bool = False
+    history_per_group: int = 0
+    buffer_stats: dict[str, int] | None = None  # None: not initialised, nothing is counted
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -239,6 +246,7 @@ class BufferMixin:
         return {"version": 1, "buffer": self.sample_buffer.state_dict(), "stats": dict(self.buffer_stats)}
 
     def load_buffer_state_dict(self, state: dict[str, Any]) -> None:
+        check_buffer_state(state, policy_vocab_size(self.model), len(self.reward_funcs))  # bounded, in the vocabulary
         if state.get("version") != 1:
             raise ValueError(f"unknown mixed-buffer state version {state.get('version')!r}")
         self.sample_buffer.load_state_dict(state["buffer"])
@@ -271,6 +279,8 @@ class BufferMixin:
 
     def _count_generated(self, completion_ids, tool_mask) -> None:
         """Log the tokens the policy generated in this call (all processes), and their running total."""
+        if self.buffer_stats is None:
+            return
         lengths = [sum(m) for m in tool_mask] if tool_mask is not None else [len(ids) for ids in completion_ids]
         local = torch.tensor([float(sum(lengths)), float(len(lengths))], device=self.accelerator.device)
         tokens, rows = self.accelerator.reduce(local, reduction="sum").tolist()
@@ -316,6 +326,8 @@ class BufferMixin:
                     f"external completion of prompt {row.get('prompt')!r}: {self.args.external_logps_column!r} holds a "
                     f"value that is not a log-probability (NaN, infinite or > 0): {logps}. Fix or drop that row."
                 )
+        check_completion_ids([ids], policy_vocab_size(self.model), type(self).__name__,
+                             f"the external completion column {self.args.external_completions_column!r}")  # fmt: skip
         limit = self.args.max_completion_length
         if limit is not None and len(ids) > limit:
             ids, logps = ids[:limit], (None if logps is None else logps[:limit])
