@@ -299,6 +299,8 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
 
     def _tokenize_prompts(self, prompts):
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        if images is not None:  # a batch mixing image and text-only prompts: the processor takes [] for "no image"
+            images = [row if row is not None else [] for row in images]
         generation_checks.check_prompt_lengths(prompt_ids, self.args.max_completion_length, self._max_positions,
                                                type(self).__name__)  # fmt: skip
         return prompt_ids, images, multimodal_fields
