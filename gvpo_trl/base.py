@@ -180,7 +180,6 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
         generation_checks.check_dataset_fills_a_generation_batch(self.train_dataset, self.args, self.num_generations,
                                                                  name)  # fmt: skip
         self._max_positions = generation_checks.model_max_positions(self.model)
-        generation_checks.check_completion_length_fits(self.args.max_completion_length, self._max_positions, name)
         # a malformed reward output must name its function, not fail inside TRL's tensor conversion
         self.reward_funcs = [
             func if isinstance(func, torch.nn.Module) else checked_reward_function(func, func_name)
@@ -203,6 +202,8 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
     # --- seams -----------------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        generation_checks.check_completion_length_fits(self.args.max_completion_length, self._max_positions,
+                                                       type(self).__name__)  # fmt: skip
         checkpoint = checkpoint_integrity.resolve_resume(resume_from_checkpoint, self)  # the newest complete one
         if checkpoint:
             checkpoints.check_resume(checkpoint, checkpoints.run_identity(self), type(self).__name__)

@@ -96,6 +96,7 @@ def saving(folder: str, trainer: Any):
         yield
     except Exception as error:
         if not _is_write_failure(error):
+            error.add_note(f"{name}: the checkpoint {folder} is incomplete (no {MARKER}); resume skips it.")
             raise
         raise OSError(
             getattr(error, "errno", None),
@@ -109,11 +110,9 @@ def saving(folder: str, trainer: Any):
 
 
 def _is_write_failure(error: BaseException) -> bool:
-    """An ``OSError``, or the errors torch and safetensors raise for a failed write (a ``RuntimeError`` from torch's
-    zip writer, a ``SafetensorError`` wrapping the OS error)."""
-    return isinstance(error, OSError) or bool(
-        re.search(r"(?i)write failed|failed writing|no space|too large|ioerror|quota", str(error))
-    )
+    """An ``OSError``, or what torch's zip writer (a ``RuntimeError``) and safetensors (a ``SafetensorError`` wrapping
+    the OS error) raise for a failed write."""
+    return isinstance(error, (OSError, RuntimeError)) or "SafetensorError" in type(error).__name__
 
 
 # --- what a checkpoint holds ---------------------------------------------------------------------------------------

@@ -1,0 +1,280 @@
+"""Hardening, round 2 (issue 19, docs/hardening.md): checkpoints that survive a crash, settings that would train
+nothing or something else in silence, generation settings and data checked up front, environments and mixed image
+batches that TRL supports, and non-finite stops that name their cause. Each test fails on the code before it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from gvpo_trl import TRAINERS
+from gvpo_trl.buffer import BUFFER_STATE_NAME
+from gvpo_trl.checkpoint_integrity import MARKER, checkpoint_files
+from gvpo_trl.checkpoints import RUN_FILE
+from gvpo_trl.toy import build_dataset, repeat_letter_reward
+
+from .helpers import cpu_args, make_trainer
+from .test_hardening import remark
+
+ALGORITHMS = sorted(TRAINERS)
+
+
+def _config(algorithm, **kwargs):
+    config_cls, _ = TRAINERS[algorithm]
+    return config_cls(output_dir="x", bf16=False, **{"num_generations": 4, "per_device_train_batch_size": 8, **kwargs})
+
+
+class StepRecorder(TrainerCallback):
+    """The optimizer steps a ``train()`` call runs (a resume continues after the checkpoint's step)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def _params(trainer):
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def _unchanged(before, trainer):
+    return all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+
+
+# --- checkpoints and crashes -----------------------------------------------------------------------------------------
+
+RUN = dict(max_steps=4, save_strategy="steps", save_steps=2, steps_per_generation=2)
+
+
+def _two_checkpoints(tmp_path, **overrides):
+    """A 4-step run that saves checkpoint-2 and checkpoint-4 (16 prompts recurring, so a buffer fills)."""
+    dataset = Dataset.from_dict({"prompt": list(build_dataset(4)["prompt"]) * 8})
+    settings = {**RUN, **overrides}
+    make_trainer("gvpo", tmp_path, dataset=dataset, **settings).train()
+    return dataset, settings
+
+
+def _resumed(tmp_path, dataset, settings, **overrides):
+    trainer = make_trainer("gvpo", tmp_path, dataset=dataset, **{**settings, "max_steps": 6, **overrides})
+    recorder = StepRecorder()
+    trainer.add_callback(recorder)
+    return trainer, recorder
+
+
+def test_every_checkpoint_is_marked_complete_last_with_its_files_and_optimizer(tmp_path):
+    _two_checkpoints(tmp_path, buffer_history_per_group=2, buffer_selection="uniform")
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        marker = json.loads((folder / MARKER).read_text())
+        assert marker["step"] == step and marker["optim"].startswith("adamw_torch") and marker["optimizer"] == "AdamW"
+        assert marker["files"] == checkpoint_files(str(folder))  # every file, with its size, written before it
+        for name in ("optimizer.pt", "scheduler.pt", "trainer_state.json", RUN_FILE, BUFFER_STATE_NAME):
+            assert marker["files"][name] == (folder / name).stat().st_size > 0
+        assert not (folder / f"{MARKER}.tmp").exists()
+
+
+# what a process killed during the save of checkpoint-4 leaves behind (files in the order transformers writes them)
+CUT_SHORT = {
+    "after-the-model": lambda folder: [p.unlink() for p in folder.iterdir() if not p.name.startswith(("model", "config",
+                                                                                                   "generation"))],
+    "in-the-optimizer": lambda folder: [
+        (folder / "optimizer.pt").write_bytes((folder / "optimizer.pt").read_bytes()[:1000]),
+        *[(folder / n).unlink() for n in ("scheduler.pt", "trainer_state.json", RUN_FILE, MARKER, "rng_state.pth")],
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("cut", CUT_SHORT)
+def test_resume_true_skips_a_checkpoint_cut_short_and_says_which_it_takes(tmp_path, cut, caplog):
+    dataset, settings = _two_checkpoints(tmp_path)
+    CUT_SHORT[cut](tmp_path / "checkpoint-4")
+    trainer, recorder = _resumed(tmp_path, dataset, settings)
+    with pytest.warns(UserWarning, match=r"skips checkpoint-4 \(.*checkpoint-4/.*\), and resumes from .*checkpoint-2, "
+                                         r"the newest complete checkpoint"):  # fmt: skip
+        trainer.train(resume_from_checkpoint=True)
+    assert recorder.steps == [3, 4, 5, 6]  # continued from step 2, with its optimizer
+    assert any("resuming from" in r.getMessage() and r.getMessage().endswith(f"in {tmp_path})") for r in caplog.records)
+
+
+def test_resume_true_refuses_when_no_checkpoint_is_complete(tmp_path):
+    dataset, settings = _two_checkpoints(tmp_path)
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / "optimizer.pt").unlink()
+    trainer, _ = _resumed(tmp_path, dataset, settings)
+    before = _params(trainer)
+    with pytest.raises(ValueError, match=r"no checkpoint in .* is complete: .*checkpoint-4/optimizer.pt is missing"):
+        trainer.train(resume_from_checkpoint=True)
+    assert _unchanged(before, trainer)
+
+
+def _random_bytes_same_size(path):
+    path.write_bytes(os.urandom(path.stat().st_size))
+
+
+DAMAGE = {  # damage -> (what to do to checkpoint-4, the file the refusal names and what it says)
+    "optimizer-missing": (lambda f: (f / "optimizer.pt").unlink(),
+                          r"optimizer.pt is missing \(the checkpoint listed it"),
+    "optimizer-missing-unmarked": (lambda f: [(f / "optimizer.pt").unlink(), (f / MARKER).unlink()],
+                                   r"optimizer.pt is missing: resuming would restart the optimizer and the "
+                                   r"learning-rate schedule silently"),
+    "optimizer-random-bytes": (lambda f: _random_bytes_same_size(f / "optimizer.pt"),
+                               r"optimizer.pt cannot be read \("),
+    "scheduler-random-bytes": (lambda f: _random_bytes_same_size(f / "scheduler.pt"), r"scheduler.pt cannot be read"),
+    "trainer-state-corrupted": (lambda f: [(f / "trainer_state.json").write_text('{"global_step": 4, "log_hi'),
+                                           remark(f)],
+                                r"trainer_state.json cannot be read \(JSONDecodeError"),
+    "trainer-state-a-list": (lambda f: [(f / "trainer_state.json").write_text("[4]"), remark(f)],
+                             r"trainer_state.json cannot be read \(ValueError: not a JSON object"),
+    "trainer-state-truncated": (lambda f: (f / "trainer_state.json").write_text("{}"),
+                                r"trainer_state.json has 2 bytes, \d+ when it was saved \(truncated"),
+    "model-truncated": (lambda f: (f / "model.safetensors").write_bytes(b"\0" * 64),
+                        r"model.safetensors has 64 bytes"),
+    "marker-garbage": (lambda f: (f / MARKER).write_bytes(os.urandom(64)), rf"{MARKER} cannot be read"),
+    "marker-a-list": (lambda f: (f / MARKER).write_text("[]"), rf"{MARKER} cannot be read \(ValueError: not a JSON"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_complete_one(tmp_path, damage):
+    dataset, settings = _two_checkpoints(tmp_path)
+    folder = tmp_path / "checkpoint-4"
+    act, says = DAMAGE[damage]
+    act(folder)
+    trainer, recorder = _resumed(tmp_path, dataset, settings)
+    before = _params(trainer)
+    with pytest.raises(ValueError, match=rf"refusing to resume from {folder}: {folder}/{says}.*resume from "
+                                         rf"{tmp_path / 'checkpoint-2'} \(complete\), or start fresh"):  # fmt: skip
+        trainer.train(resume_from_checkpoint=str(folder))
+    assert _unchanged(before, trainer) and recorder.steps == []  # refused before anything was loaded
+
+
+def test_resuming_with_another_optimizer_is_refused_before_loading(tmp_path):
+    dataset, settings = _two_checkpoints(tmp_path)
+    trainer, _ = _resumed(tmp_path, dataset, settings, optim="sgd")
+    before = _params(trainer)
+    with pytest.raises(ValueError, match=r"optimizer.pt holds the state of optim='(adamw_torch\w*)' \(AdamW\), this "
+                                         r"run uses optim='sgd'; resume with optim='\1'"):  # fmt: skip
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert _unchanged(before, trainer)
+
+
+def test_another_optimizers_state_without_a_marker_is_refused_at_its_load(tmp_path):
+    dataset, settings = _two_checkpoints(tmp_path)
+    (tmp_path / "checkpoint-4" / MARKER).unlink()  # an older checkpoint: only the load can tell
+    trainer, recorder = _resumed(tmp_path, dataset, settings, optim="sgd")
+    with pytest.raises(ValueError, match=r"checkpoint-4/optimizer.pt / scheduler.pt of .*checkpoint-4 holds the state "
+                                         r"of another optimizer \(its parameter groups lack \[.*'momentum'"):  # fmt: skip
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert recorder.steps == []
+
+
+class FillDiskAt(TrainerCallback):
+    """From optimizer step ``step`` on, no file may grow past ``limit`` bytes (``RLIMIT_FSIZE``: writes fail with
+    ``EFBIG``, as on a full disk). The limit is lifted again by the test."""
+
+    def __init__(self, step, limit):
+        self.step, self.limit = step, limit
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_a_disk_that_fills_during_the_save_names_the_folder_and_resume_falls_back(tmp_path):
+    dataset = Dataset.from_dict({"prompt": list(build_dataset(4)["prompt"]) * 8})
+    trainer = make_trainer("gvpo", tmp_path, dataset=dataset, **RUN)
+    # the model file (~0.2 MB) is written, the optimizer state (twice its size) is not
+    model_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    trainer.add_callback(FillDiskAt(4, int(model_bytes * 1.5)))
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        with pytest.raises(OSError, match=r"writing the checkpoint .*checkpoint-4 failed \(.*\); the folder is "
+                                          rf"incomplete \(it has no {MARKER}\), so resume_from_checkpoint=True will "
+                                          r"skip it.*Free disk space"):  # fmt: skip
+            trainer.train()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert (tmp_path / "checkpoint-4" / "model.safetensors").exists() and not (tmp_path / "checkpoint-4" / MARKER).exists()
+    resumed, recorder = _resumed(tmp_path, dataset, RUN)
+    with pytest.warns(UserWarning, match=r"skips checkpoint-4 .*resumes from .*checkpoint-2"):
+        resumed.train(resume_from_checkpoint=True)
+    assert recorder.steps == [3, 4, 5, 6]
+
+
+RUN_FILE_TAMPERED = {  # content of gvpo_trl_run.json -> what the refusal says
+    "a-list": ("[1, 2]", r"a JSON list, not an object of settings"),
+    "null": ("null", r"a JSON NoneType, not an object of settings"),
+    "deeply-nested": ("[" * 100_000 + "]" * 100_000, r"RecursionError|more than a run identity holds"),
+    "nested-value": ('{"algorithm": {"a": [1]}}', r"the setting 'algorithm' holds a dict of nested values"),
+    "megabytes": ('{"algorithm": "' + "x" * 5_000_000 + '"}', r"5000017 bytes, more than a run identity holds"),
+    "not-json": ("{algorithm: gvpo", r"JSONDecodeError"),
+}
+
+
+@pytest.mark.parametrize("tampered", RUN_FILE_TAMPERED)
+def test_a_tampered_run_identity_is_refused_with_a_bounded_message(tmp_path, tampered):
+    dataset, settings = _two_checkpoints(tmp_path)
+    folder = tmp_path / "checkpoint-4"
+    content, says = RUN_FILE_TAMPERED[tampered]
+    (folder / RUN_FILE).write_text(content)
+    remark(folder)  # the marker agrees: only the content is wrong
+    trainer, recorder = _resumed(tmp_path, dataset, settings)
+    with pytest.raises(ValueError, match=rf"cannot read {folder / RUN_FILE} \(.*({says}).*the checkpoint is damaged") as error:
+        trainer.train(resume_from_checkpoint=str(folder))
+    assert len(str(error.value)) < 700 and recorder.steps == []
+
+
+def test_a_long_setting_in_the_run_identity_gives_a_bounded_difference(tmp_path):
+    dataset, settings = _two_checkpoints(tmp_path)
+    folder = tmp_path / "checkpoint-4"
+    identity = json.loads((folder / RUN_FILE).read_text())
+    (folder / RUN_FILE).write_text(json.dumps({**identity, "algorithm": "y" * 60_000}))
+    remark(folder)
+    trainer, _ = _resumed(tmp_path, dataset, settings)
+    with pytest.raises(ValueError, match=r"algorithm: checkpoint 'yyy+\.\.\., now 'gvpo'") as error:
+        trainer.train(resume_from_checkpoint=str(folder))
+    assert len(str(error.value)) < 1000
+
+
+BUFFERED = dict(buffer_history_per_group=2, buffer_selection="uniform", buffer_max_staleness=4)
+
+BUFFER_TAMPERED = {  # what is done to the first stored sample -> what the refusal says
+    "id-beyond-vocab": (lambda s: s["completion_ids"].__setitem__(0, 10_000), r"sample 0 has token id\(s\) \[10000\] "
+                        r"outside the vocabulary \[0, \d+\)"),
+    "negative-id": (lambda s: s["completion_ids"].__setitem__(0, -3), r"token id\(s\) \[-3\] outside the vocabulary"),
+    "nan-logps": (lambda s: s["logps"].__setitem__(0, float("nan")), r"sample 0 has behaviour log-probs that are NaN"),
+    "positive-logps": (lambda s: s["logps"].fill_(2.0), r"log-probs that are NaN, infinite or > 0"),
+    "logps-length": (lambda s: s.__setitem__("logps", s["logps"][:1]), r"one value per token"),
+    "infinite-reward": (lambda s: s.__setitem__("rewards", [float("inf")]), r"a reward that is not a finite number"),
+    "rewards-count": (lambda s: s.__setitem__("rewards", [0.0, 1.0]), r"one reward per reward function \(1\)"),
+    "no-ids": (lambda s: s.__setitem__("completion_ids", []), r"not a non-empty list of token ids"),
+    "uid-negative": (lambda s: s.__setitem__("uid", -1), r"uids must be distinct integers"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("tampered", BUFFER_TAMPERED)
+def test_a_buffer_state_with_impossible_samples_is_refused_naming_the_file(tmp_path, tampered):
+    dataset, settings = _two_checkpoints(tmp_path, **BUFFERED)
+    folder = tmp_path / "checkpoint-4"
+    path = folder / BUFFER_STATE_NAME
+    state = torch.load(path, weights_only=True)
+    BUFFER_TAMPERED[tampered][0](state["buffer"]["samples"][0])
+    torch.save(state, path)
+    remark(folder)
+    trainer, recorder = _resumed(tmp_path, dataset, settings)
+    with pytest.raises(ValueError, match=rf"mixed-buffer state {path} cannot be read \(ValueError: .*"
+                                         rf"{BUFFER_TAMPERED[tampered][1]}.*Resume from an earlier checkpoint"):  # fmt: skip
+        trainer.train(resume_from_checkpoint=str(folder))
+    assert recorder.steps == []
