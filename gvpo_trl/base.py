@@ -180,6 +180,10 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
         generation_checks.check_dataset_fills_a_generation_batch(self.train_dataset, self.args, self.num_generations,
                                                                  name)  # fmt: skip
         self._max_positions = generation_checks.model_max_positions(self.model)
+        if self.rollout_func is not None:  # its completions must be checked before TRL decodes them
+            self.rollout_func = generation_checks.checked_rollout_func(
+                self.rollout_func, generation_checks.policy_vocab_size(self.model), name
+            )
         # a malformed reward output must name its function, not fail inside TRL's tensor conversion
         self.reward_funcs = [
             func if isinstance(func, torch.nn.Module) else checked_reward_function(func, func_name)
@@ -289,13 +293,6 @@ class GroupTrainer(BufferMixin, GRPOTrainer):
         )
         self._metrics[mode]["groups/unscorable_frac"].append(torch.isnan(rewards).float().mean().item())
         self._record_identical_groups(output, group_ids[local], mode)
-        return output
-
-    def _generate(self, prompts):
-        output = super()._generate(prompts)
-        source = "rollout_func" if self.rollout_func is not None else "generation"
-        vocab = generation_checks.policy_vocab_size(self.model) if self.rollout_func is not None else None
-        generation_checks.check_completion_ids(output[1], vocab, type(self).__name__, source)
         return output
 
     def _tokenize_prompts(self, prompts):

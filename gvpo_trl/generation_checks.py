@@ -224,6 +224,21 @@ def check_completion_ids(completion_ids: list, vocab_size: int | None, name: str
             )
 
 
+def checked_rollout_func(func: Any, vocab_size: int | None, name: str):
+    """``func`` (TRL's ``rollout_func(prompts, trainer) -> dict``) with its ``completion_ids`` checked by
+    :func:`check_completion_ids` before TRL decodes them."""
+    import functools
+
+    @functools.wraps(func)
+    def checked(prompts, trainer):
+        output = func(prompts, trainer)
+        if isinstance(output, dict) and "completion_ids" in output:
+            check_completion_ids(output["completion_ids"], vocab_size, name, "rollout_func")
+        return output
+
+    return checked
+
+
 def policy_vocab_size(model: Any) -> int | None:
     """Rows of the model's input embedding (the token ids it can embed), or None if unknown."""
     try:

@@ -278,3 +278,207 @@ def test_a_buffer_state_with_impossible_samples_is_refused_naming_the_file(tmp_p
                                          rf"{BUFFER_TAMPERED[tampered][1]}.*Resume from an earlier checkpoint"):  # fmt: skip
         trainer.train(resume_from_checkpoint=str(folder))
     assert recorder.steps == []
+
+
+# --- settings that train nothing, or something else, in silence -----------------------------------------------------
+
+SILENT_SETTINGS = [
+    (dict(num_iterations=0), r"num_iterations must be an integer >= 1 .*0 trains nothing\), got 0"),
+    (dict(num_iterations=-2), r"num_iterations must be an integer >= 1"),
+    (dict(max_steps=0), r"max_steps=0 is not a step count: transformers would train one step for 0"),
+    (dict(max_steps=-7), r"max_steps=-7 is not a step count"),
+    (dict(num_train_epochs=0), r"num_train_epochs=0 with max_steps=-1 trains nothing"),
+    (dict(save_strategy="steps", save_steps=0), r"save_steps=0 with save_strategy='steps' would never act on a step"),
+    (dict(save_strategy="steps", save_steps=-1), r"save_steps=-1 with save_strategy='steps'"),
+    (dict(logging_steps=0), r"logging_steps=0 with logging_strategy='steps'"),
+    (dict(eval_strategy="steps", eval_steps=0), r"eval_steps=0 with eval_strategy='steps'"),
+    (dict(top_k=1), r"top_k=1 keeps only the most likely token \(greedy\)"),
+    (dict(generation_kwargs={"do_sample": False}), r"generation_kwargs\['do_sample'\]=False decodes greedily"),
+    (dict(generation_kwargs={"top_k": 1}), r"generation_kwargs\['top_k'\]=1 keeps only the most likely token"),
+    (dict(min_p=1.0), r"min_p=1.0 is outside \[0, 1\) .*1 is greedy"),
+]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("kwargs, match", SILENT_SETTINGS)
+def test_settings_that_would_train_nothing_are_refused_at_construction(algorithm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _config(algorithm, **kwargs)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("num_prompts", [1, 3])
+def test_a_dataset_smaller_than_one_generation_batch_is_refused(tmp_path, algorithm, num_prompts):
+    # 8 rows per micro-step, groups of 4, 2 micro-steps per generation: 16 rows, 4 distinct prompts
+    with pytest.raises(ValueError, match=rf"the train dataset has {num_prompts} prompt\(s\), but one generation batch "
+                                         r"draws 4 distinct prompts .*would train 0 steps"):  # fmt: skip
+        make_trainer(algorithm, tmp_path, num_prompts=num_prompts, steps_per_generation=2)
+
+
+def test_a_dataset_of_exactly_one_generation_batch_trains(tmp_path):
+    trainer = make_trainer("gvpo", tmp_path, num_prompts=4, steps_per_generation=2, max_steps=2)
+    recorder = StepRecorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    assert recorder.steps == [1, 2]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_near_greedy_sampling_warns_once_and_shows_identical_groups(tmp_path, algorithm):
+    trainer = make_trainer(algorithm, tmp_path, temperature=1e-4, max_steps=2, steps_per_generation=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    ours = [w for w in caught if "hold identical completions" in str(w.message)]
+    assert len(ours) == 1 and "temperature=0.0001" in str(ours[0].message)
+    logged = [h["groups/identical_frac"] for h in trainer.state.log_history if "groups/identical_frac" in h]
+    assert logged and all(v == 1.0 for v in logged)
+
+
+def test_sampled_groups_are_not_flagged_identical(tmp_path):
+    trainer = make_trainer("gvpo", tmp_path, max_steps=2, steps_per_generation=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "hold identical completions" in str(w.message)]
+    logged = [h["groups/identical_frac"] for h in trainer.state.log_history if "groups/identical_frac" in h]
+    assert logged and all(v < 1.0 for v in logged)
+
+
+def test_identical_groups_compares_whole_completions_under_the_mask():
+    from gvpo_trl.generation_checks import identical_groups
+
+    ids = torch.tensor([[5, 6, 0], [5, 6, 9], [5, 6, 0], [5, 7, 0], [3, 0, 0], [3, 0, 0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 0, 0], [1, 0, 0]])
+    # group 0: rows 0, 1 (same under the mask); group 1: rows 2, 3 (differ in token 2); group 2: rows 4, 5
+    assert identical_groups(ids, mask, torch.tensor([0, 0, 1, 1, 2, 2])).tolist() == [True, False, True]
+    mask[1, 2] = 1  # row 1 is one token longer
+    assert identical_groups(ids, mask, torch.tensor([0, 0, 1, 1, 2, 2])).tolist() == [False, False, True]
+
+
+# --- generation settings, checked up front ---------------------------------------------------------------------------
+
+GENERATION_SETTINGS = [
+    (dict(generation_kwargs={"temperature": 0.0}), r"generation_kwargs\['temperature'\]=0.0 is not > 0"),
+    (dict(generation_kwargs={"temperature": -0.5}), r"generation_kwargs\['temperature'\]=-0.5 is not > 0"),
+    (dict(generation_kwargs='{"temperature": 0}'), r"generation_kwargs\['temperature'\]=0 is not > 0"),
+    (dict(generation_kwargs={"num_return_sequences": 2}), r"generation_kwargs\['num_return_sequences'\]=2 would "
+                                                          r"return several completions per row.*set num_generations"),
+    (dict(top_k=-1), r"top_k=-1 is not an integer >= 0 .*Set top_k=0 to turn top-k filtering off"),
+    (dict(generation_kwargs={"top_k": -1}), r"generation_kwargs\['top_k'\]=-1 is not an integer >= 0"),
+    (dict(generation_kwargs={"top_k": 2.5}), r"generation_kwargs\['top_k'\]=2.5 is not an integer >= 0"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty=0.0 is not a finite number > 0"),
+    (dict(generation_kwargs={"repetition_penalty": -1.0}), r"generation_kwargs\['repetition_penalty'\]=-1.0 is not"),
+    (dict(min_p=2.0), r"min_p=2.0 is outside \[0, 1\)"),
+    (dict(generation_kwargs={"min_p": -0.1}), r"generation_kwargs\['min_p'\]=-0.1 is outside \[0, 1\)"),
+    (dict(generation_kwargs={"top_p": 0.0}), r"generation_kwargs\['top_p'\]=0.0 is outside \(0, 1\]"),
+    (dict(generation_kwargs={"max_new_tokens": 0}), r"generation_kwargs\['max_new_tokens'\]=0 is not an integer >= 1"),
+    (dict(steps_per_generation=0), r"steps_per_generation must be an integer >= 1 .*got 0"),
+    (dict(steps_per_generation=-2), r"steps_per_generation must be an integer >= 1 .*got -2"),
+    (dict(gradient_accumulation_steps=0), r"gradient_accumulation_steps must be an integer >= 1 .*got 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("kwargs, match", GENERATION_SETTINGS)
+def test_generation_settings_are_checked_at_construction(algorithm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _config(algorithm, **kwargs)
+
+
+def test_valid_generation_kwargs_are_accepted():
+    config = _config("gvpo", generation_kwargs={"temperature": 0.7, "top_k": 50, "min_p": 0.05}, top_k=0)
+    assert config.generation_kwargs["top_k"] == 50
+
+
+def _rollout_returning(completions):
+    """A ``rollout_func`` (TRL's custom generation hook) whose row i completes with ``completions[i % len]``."""
+
+    def rollout(prompts, trainer):
+        prompt_ids = trainer.processing_class(text=prompts)["input_ids"]
+        ids = [list(completions[i % len(completions)]) for i in range(len(prompts))]
+        return {"prompt_ids": prompt_ids, "completion_ids": ids, "logprobs": [[-1.0] * len(c) for c in ids]}
+
+    return rollout
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize(
+    "completions, match",
+    [
+        ([[5, 6, 2], []], r"rollout_func returned a completion of zero tokens \(row 1\).*End each completion with"),
+        ([[5, 2], [7, 10_000]], r"rollout_func returned token id\(s\) \[10000\] that are not ids of the vocabulary"),
+        ([[5, 2], [-1, 2]], r"rollout_func returned token id\(s\) \[-1\]"),
+    ],
+    ids=["zero-tokens", "beyond-vocab", "negative"],
+)
+def test_a_rollout_funcs_impossible_completions_are_refused(tmp_path, monkeypatch, algorithm, completions, match):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    config_cls, trainer_cls = TRAINERS[algorithm]
+    trainer = trainer_cls(model=make_trainer(algorithm, tmp_path).model, reward_funcs=repeat_letter_reward,
+                          args=cpu_args(config_cls, tmp_path, max_steps=1), train_dataset=build_dataset(16),
+                          rollout_func=_rollout_returning(completions))  # fmt: skip
+    before = _params(trainer)
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    assert _unchanged(before, trainer)
+
+
+def test_a_rollout_func_with_real_completions_trains(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    config_cls, trainer_cls = TRAINERS["gvpo"]
+    trainer = trainer_cls(model=make_trainer("gvpo", tmp_path).model, reward_funcs=repeat_letter_reward,
+                          args=cpu_args(config_cls, tmp_path, max_steps=2), train_dataset=build_dataset(16),
+                          rollout_func=_rollout_returning([[4, 4, 2], [5, 2], [4, 2], [6, 7, 8, 2]]))  # fmt: skip
+    trainer.train()
+    assert len([h for h in trainer.state.log_history if "gvpo/loss" in h]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A tiny GPT-2 (learned position embeddings: 16 positions) with the toy tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gvpo_trl.toy import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = build_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _gpt2_trainer(path, tmp_path, algorithm="gvpo", dataset=None, **overrides):
+    config_cls, trainer_cls = TRAINERS[algorithm]
+    return trainer_cls(model=path, reward_funcs=repeat_letter_reward, train_dataset=dataset or build_dataset(16),
+                       args=cpu_args(config_cls, tmp_path, **{"max_steps": 1, **overrides}))  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_completions_longer_than_the_models_positions_are_refused_before_training(tiny_gpt2, tmp_path, algorithm):
+    trainer = _gpt2_trainer(tiny_gpt2, tmp_path, algorithm, max_completion_length=16)
+    before = _params(trainer)
+    with pytest.raises(ValueError, match=r"max_completion_length=16 does not fit the model, which embeds at most 16 "
+                                         r"positions .*Set max_completion_length below 16"):  # fmt: skip
+        trainer.train()
+    assert _unchanged(before, trainer)
+
+
+def test_a_prompt_that_leaves_no_room_for_the_completion_is_refused_at_its_batch(tiny_gpt2, tmp_path):
+    prompts = list(build_dataset(16)["prompt"])
+    prompts[3] = "abcdefghijkl:"  # 13 tokens + 8 completion tokens > 16 positions
+    trainer = _gpt2_trainer(tiny_gpt2, tmp_path, dataset=Dataset.from_dict({"prompt": prompts}), shuffle_dataset=False)
+    with pytest.raises(ValueError, match=r"a prompt of 13 tokens \(row \d+ of this batch\) plus max_completion_length=8"
+                                         r" exceeds the model's 16 positions. Shorten or filter such prompts \(at most "
+                                         r"8 tokens\)"):  # fmt: skip
+        trainer.train()
+
+
+def test_prompts_that_fit_the_model_train(tiny_gpt2, tmp_path):
+    trainer = _gpt2_trainer(tiny_gpt2, tmp_path, max_steps=2)
+    trainer.train()
+    assert len([h for h in trainer.state.log_history if "gvpo/loss" in h]) == 2
