@@ -482,3 +482,167 @@ def test_prompts_that_fit_the_model_train(tiny_gpt2, tmp_path):
     trainer = _gpt2_trainer(tiny_gpt2, tmp_path, max_steps=2)
     trainer.train()
     assert len([h for h in trainer.state.log_history if "gvpo/loss" in h]) == 2
+
+
+# --- data the tokenizer or the reward call meets -------------------------------------------------------------------
+
+MALFORMED_PROMPTS = {
+    "ints": ([1, 2, 3, 4], r"a malformed prompt \(\d\): a int, not a string or a conversation"),
+    "floats": ([0.5, 1.5, 2.5, 3.5], r"a malformed prompt \(\d.5\): a float"),
+    "bytes": ([b"abc:", b"bcd:"], r"a malformed prompt \(b'abc:'\): a bytes"),
+    "single-message": ([{"role": "user", "content": "abc:"}] * 2, r"a single message \(a dict\): a conversation is a "
+                                                                  r"list of messages"),
+    "no-role": ([[{"content": "abc:"}]] * 2, r"message 0 has no 'role'"),
+    "nested-lists": ([[[{"role": "user", "content": "abc:"}]]] * 2, r"a list of lists \(message 0 is a list\)"),
+    "strings-in-a-list": ([["abc:", "bcd:"]] * 2, r"message 0 is a str, not a dict with 'role' and 'content'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("case", MALFORMED_PROMPTS)
+def test_prompts_that_are_not_text_or_a_conversation_are_refused_at_construction(tmp_path, algorithm, case):
+    prompts, says = MALFORMED_PROMPTS[case]
+    with pytest.raises(ValueError, match=rf"row 0 of the train dataset has .*{says}.*must be a string or a conversation"):
+        make_trainer(algorithm, tmp_path, dataset=Dataset.from_dict({"prompt": prompts}))
+
+
+@pytest.mark.parametrize("case", ["ints", "no-role", "nested-lists"])
+def test_malformed_prompts_in_a_stream_are_refused_at_their_batch(tmp_path, case):
+    prompts, says = MALFORMED_PROMPTS[case]
+    stream = Dataset.from_dict({"prompt": prompts * 8}).to_iterable_dataset()
+    trainer = make_trainer("gvpo", tmp_path, dataset=stream, max_steps=1, steps_per_generation=1)
+    with pytest.raises(ValueError, match=rf"a batch holds .*{says}"):
+        trainer.train()
+
+
+def test_content_blocks_count_by_their_text(tmp_path):
+    def blocks(text):
+        return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+    with pytest.raises(ValueError, match=r"row 1 of the train dataset has an empty prompt"):  # blank text blocks
+        make_trainer("gvpo", tmp_path, dataset=Dataset.from_dict({"prompt": [blocks("abc:"), blocks("  ")]}))
+    from gvpo_trl.validation import is_empty_prompt, prompt_problem
+
+    assert prompt_problem(blocks("abc:")) is None and prompt_problem("abc:") is None
+    assert prompt_problem([{"role": "user", "content": [{"type": "image"}]}]) is None  # an image is content
+    assert is_empty_prompt([{"role": "system", "content": None}, {"role": "user", "content": ""}])
+    assert not is_empty_prompt([[{"role": "user", "content": "abc:"}]])  # malformed, not "empty"
+
+
+def test_a_stream_without_a_prompt_column_names_the_columns(tmp_path):
+    stream = Dataset.from_dict({"question": list(build_dataset(16)["prompt"])}).to_iterable_dataset()
+    trainer = make_trainer("gvpo", tmp_path, dataset=stream, max_steps=1, steps_per_generation=1)
+    with pytest.raises(ValueError, match=r"a batch of the dataset has no 'prompt' column \(columns: \['question'\]\)"
+                                         r".*rename_column\('question', 'prompt'\)"):  # fmt: skip
+        trainer.train()
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("column", ["completions", "prompts", "trainer_state", "completion_ids", "log_metric",
+                                    "log_extra", "environments"])  # fmt: skip
+def test_columns_named_like_reward_keywords_are_refused_at_construction(tmp_path, algorithm, column):
+    data = build_dataset(16).add_column(column, ["x"] * 16)
+    with pytest.raises(ValueError, match=rf"the train dataset has column\(s\) \['{column}'\] named like the keyword "
+                                         rf"arguments TRL passes to every reward function.*rename_column"):  # fmt: skip
+        make_trainer(algorithm, tmp_path, dataset=data)
+
+
+def test_a_reward_keyword_column_in_a_stream_is_refused_at_its_batch(tmp_path):
+    stream = build_dataset(16).add_column("trainer_state", ["x"] * 16).to_iterable_dataset()
+    trainer = make_trainer("gvpo", tmp_path, dataset=stream, max_steps=1, steps_per_generation=1)
+    with pytest.raises(ValueError, match=r"the dataset has column\(s\) \['trainer_state'\] named like"):
+        trainer.train()
+
+
+def test_other_columns_still_reach_the_reward_function(tmp_path):
+    seen = []
+
+    def reward(prompts, completions, answer, trainer_state, **kwargs):
+        seen.append((answer[0], trainer_state.global_step))
+        return repeat_letter_reward(prompts, completions)
+
+    data = build_dataset(16).add_column("answer", ["a"] * 16)
+    make_trainer("gvpo", tmp_path, dataset=data, reward=reward, max_steps=1, steps_per_generation=1).train()
+    assert seen == [("a", 0)]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("bad", [10_000, -1, 32], ids=["beyond", "negative", "vocab-size"])
+def test_external_token_ids_outside_the_vocabulary_are_refused(tmp_path, algorithm, bad):
+    data = build_dataset(4)
+    data = data.add_column("demo", [[5, 2], [6, bad, 2], [7, 2], [8, 2]])
+    data = data.add_column("lp", [[-0.5] * len(ids) for ids in data["demo"]])
+    trainer = make_trainer(algorithm, tmp_path, dataset=data, max_steps=1, steps_per_generation=1,
+                           shuffle_dataset=False, external_completions_column="demo",
+                           external_logps_column="lp")  # fmt: skip
+    before = _params(trainer)
+    with pytest.raises(ValueError, match=rf"the external completion column 'demo' returned token id\(s\) \[{bad}\] "
+                                         r"that are not ids of the vocabulary \[0, 32\)"):  # fmt: skip
+        trainer.train()
+    assert _unchanged(before, trainer)
+
+
+# --- environments fill empty prompts (TRL's own environment tests, under our trainers) ------------------------------
+
+
+def _environment_trainer(algorithm, tmp_path, environment, dataset=None, **overrides):
+    from trl.chat_template_utils import qwen3_chat_template
+
+    from .test_trl_parity import TOOL_RUNS, _length_reward
+    from .tiny_models import build_tiny_moe
+
+    config_cls, trainer_cls = TRAINERS[algorithm]
+    args = cpu_args(config_cls, tmp_path, max_steps=2, num_generations=4, max_completion_length=64,
+                    learning_rate=0.1, **{**TOOL_RUNS[algorithm], **overrides})  # fmt: skip
+    return trainer_cls(model=build_tiny_moe(chat_template=qwen3_chat_template), reward_funcs=_length_reward,
+                       args=args, train_dataset=dataset, environment_factory=environment)  # fmt: skip
+
+
+class OwnsTheData:
+    """TRL's test_train_with_environment_owned_data: ``reset()`` returns the prompt."""
+
+    def reset(self, **kwargs):
+        return "Guess the 5-letter word."
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_an_environment_that_owns_the_data_trains_without_a_dataset(tmp_path, monkeypatch, algorithm):
+    from unittest.mock import patch
+
+    from .test_trl_parity import _fake_generate
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    trainer = _environment_trainer(algorithm, tmp_path, OwnsTheData)  # TRL builds rows of empty user turns
+    assert all(p == [{"role": "user", "content": ""}] for p in trainer.train_dataset["prompt"])
+    before = _params(trainer)
+    answers = ["Done!<|im_end|>", "DoneDone!<|im_end|>", "DoneDoneDone!<|im_end|>", "No.<|im_end|>"]
+    with patch.object(trainer.model, "generate", side_effect=_fake_generate(trainer.processing_class, answers)):
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if f"{algorithm}/loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    assert not _unchanged(before, trainer)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_an_environment_factory_trains_on_a_dataset_of_empty_user_turns(tmp_path, monkeypatch, algorithm):
+    """TRL's test_train_with_environment_factory: the environment's tools, prompts left empty."""
+    from unittest.mock import patch
+
+    from .test_trl_parity import CounterEnvironment, _fake_generate, _tool_call
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    empty = Dataset.from_dict({"prompt": [[{"role": "user", "content": ""}]] * 8})
+    trainer = _environment_trainer(algorithm, tmp_path, CounterEnvironment, dataset=empty)
+    before = _params(trainer)
+    first = [_tool_call("increment", {"step": 1}), _tool_call("decrement", {"step": 2}), "No.<|im_end|>", "Hm.<|im_end|>"]
+    with patch.object(trainer.model, "generate", side_effect=_fake_generate(trainer.processing_class, first)):
+        trainer.train()
+    assert len([h for h in trainer.state.log_history if f"{algorithm}/loss" in h]) == 2
+    assert not _unchanged(before, trainer)
+
+
+def test_with_an_environment_a_malformed_prompt_is_still_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    bad = Dataset.from_dict({"prompt": [[{"content": "hi"}]] * 8})
+    with pytest.raises(ValueError, match=r"row 0 of the train dataset has a malformed prompt .*has no 'role'"):
+        _environment_trainer("gvpo", tmp_path, OwnsTheData, dataset=bad)

@@ -306,6 +306,8 @@ class BufferMixin:
             text = value
         elif isinstance(value, list) and all(isinstance(x, int) for x in value):
             ids = list(value)
+            check_completion_ids([ids], policy_vocab_size(self.model), type(self).__name__,
+                                 f"the external completion column {self.args.external_completions_column!r}")  # fmt: skip
             text = tokenizer.decode(ids, skip_special_tokens=True)
         else:
             raise ValueError(
@@ -326,8 +328,6 @@ class BufferMixin:
                     f"external completion of prompt {row.get('prompt')!r}: {self.args.external_logps_column!r} holds a "
                     f"value that is not a log-probability (NaN, infinite or > 0): {logps}. Fix or drop that row."
                 )
-        check_completion_ids([ids], policy_vocab_size(self.model), type(self).__name__,
-                             f"the external completion column {self.args.external_completions_column!r}")  # fmt: skip
         limit = self.args.max_completion_length
         if limit is not None and len(ids) > limit:
             ids, logps = ids[:limit], (None if logps is None else logps[:limit])
