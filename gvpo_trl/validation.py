@@ -114,10 +114,9 @@ def check_reward_models(reward_funcs: Any, name: str) -> None:
                "module, wrap it in a reward function (prompts, completions, **kwargs) -> list of floats.")  # fmt: skip
         if config is None or not hasattr(config, "_name_or_path"):
             raise TypeError(f"{name}: {what} is a torch module without a transformers config. {fix}")
-        architectures = " ".join(getattr(config, "architectures", None) or [type(func).__name__])
-        if "ForCausalLM" in architectures or "ForConditionalGeneration" in architectures:
+        if type(func).__name__.endswith(("ForCausalLM", "ForConditionalGeneration", "LMHeadModel")):
             raise ValueError(
-                f"{name}: {what} is a language model ({architectures}): its logits are next-token scores over the "
+                f"{name}: {what} is a language model: its logits are next-token scores over the "
                 f"vocabulary, not one reward per completion. {fix}"
             )
         if getattr(config, "num_labels", 1) != 1:

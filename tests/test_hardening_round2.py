@@ -206,7 +206,9 @@ def test_a_disk_that_fills_during_the_save_names_the_folder_and_resume_falls_bac
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old_handler)
-    assert (tmp_path / "checkpoint-4" / "model.safetensors").exists() and not (tmp_path / "checkpoint-4" / MARKER).exists()
+    assert (tmp_path / "checkpoint-4" / "model.safetensors").exists() and not (
+        tmp_path / "checkpoint-4" / MARKER
+    ).exists()
     resumed, recorder = _resumed(tmp_path, dataset, RUN)
     with pytest.warns(UserWarning, match=r"skips checkpoint-4 .*resumes from .*checkpoint-2"):
         resumed.train(resume_from_checkpoint=True)
@@ -231,7 +233,9 @@ def test_a_tampered_run_identity_is_refused_with_a_bounded_message(tmp_path, tam
     (folder / RUN_FILE).write_text(content)
     remark(folder)  # the marker agrees: only the content is wrong
     trainer, recorder = _resumed(tmp_path, dataset, settings)
-    with pytest.raises(ValueError, match=rf"cannot read {folder / RUN_FILE} \(.*({says}).*the checkpoint is damaged") as error:
+    with pytest.raises(
+        ValueError, match=rf"cannot read {folder / RUN_FILE} \(.*({says}).*the checkpoint is damaged"
+    ) as error:
         trainer.train(resume_from_checkpoint=str(folder))
     assert len(str(error.value)) < 700 and recorder.steps == []
 
@@ -502,7 +506,9 @@ MALFORMED_PROMPTS = {
 @pytest.mark.parametrize("case", MALFORMED_PROMPTS)
 def test_prompts_that_are_not_text_or_a_conversation_are_refused_at_construction(tmp_path, algorithm, case):
     prompts, says = MALFORMED_PROMPTS[case]
-    with pytest.raises(ValueError, match=rf"row 0 of the train dataset has .*{says}.*must be a string or a conversation"):
+    with pytest.raises(
+        ValueError, match=rf"row 0 of the train dataset has .*{says}.*must be a string or a conversation"
+    ):
         make_trainer(algorithm, tmp_path, dataset=Dataset.from_dict({"prompt": prompts}))
 
 
@@ -634,7 +640,12 @@ def test_an_environment_factory_trains_on_a_dataset_of_empty_user_turns(tmp_path
     empty = Dataset.from_dict({"prompt": [[{"role": "user", "content": ""}]] * 8})
     trainer = _environment_trainer(algorithm, tmp_path, CounterEnvironment, dataset=empty)
     before = _params(trainer)
-    first = [_tool_call("increment", {"step": 1}), _tool_call("decrement", {"step": 2}), "No.<|im_end|>", "Hm.<|im_end|>"]
+    first = [
+        _tool_call("increment", {"step": 1}),
+        _tool_call("decrement", {"step": 2}),
+        "No.<|im_end|>",
+        "Hm.<|im_end|>",
+    ]
     with patch.object(trainer.model, "generate", side_effect=_fake_generate(trainer.processing_class, first)):
         trainer.train()
     assert len([h for h in trainer.state.log_history if f"{algorithm}/loss" in h]) == 2
@@ -646,3 +657,160 @@ def test_with_an_environment_a_malformed_prompt_is_still_refused(tmp_path, monke
     bad = Dataset.from_dict({"prompt": [[{"content": "hi"}]] * 8})
     with pytest.raises(ValueError, match=r"row 0 of the train dataset has a malformed prompt .*has no 'role'"):
         _environment_trainer("gvpo", tmp_path, OwnsTheData, dataset=bad)
+
+
+# --- a generation batch mixing image and text-only prompts (TRL's test_train_vlm_multi_image) -----------------------
+
+
+def _mixed_image_dataset(num_prompts=8):
+    from PIL import Image
+
+    from .test_trl_parity import COLOURS
+
+    images = [[Image.new("RGB", (16, 16), COLOURS[i % len(COLOURS)])] * (1 + i % 3 // 2) if i % 3 else []
+              for i in range(num_prompts)]  # fmt: skip
+    prompts = [[{"role": "user", "content": f"colour {i}?"}] for i in range(num_prompts)]
+    return Dataset.from_dict({"prompt": prompts, "images": images})
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_generation_batches_mixing_image_and_text_only_prompts_train(tmp_path, algorithm):
+    from .test_trl_parity import _colour_of, _recording, _varied_reward
+    from .tiny_models import build_tiny_qwen2_vl, tiny_qwen2_vl_processor
+
+    path = build_tiny_qwen2_vl()
+    config_cls, trainer_cls = TRAINERS[algorithm]
+    recording = _recording(trainer_cls)
+    # 2 rows per micro-step, groups of 2; GVPO and GSPO default to 4 micro-steps per generation (4 prompts), GPG to 1
+    rows = dict(per_device_train_batch_size=4) if algorithm == "gpg" else dict(per_device_train_batch_size=2)
+    args = cpu_args(config_cls, tmp_path, max_steps=2, num_generations=2, max_completion_length=6, **rows)
+    assert args.per_device_train_batch_size * args.steps_per_generation // 2 >= 2  # a batch draws several prompts
+    dataset = _mixed_image_dataset()
+    trainer = recording(model=path, reward_funcs=_varied_reward, args=args, train_dataset=dataset,
+                        processing_class=tiny_qwen2_vl_processor(path))  # fmt: skip
+    before = _params(trainer)
+    trainer.train()
+    assert not _unchanged(before, trainer)
+    logs = [h for h in trainer.state.log_history if f"{algorithm}/loss" in h]
+    assert logs and all(math.isfinite(h["loss"]) for h in logs)
+    tokenizer = trainer.processing_class.tokenizer
+    counts = {i: len(images) for i, images in enumerate(dataset["images"])}
+    mixed = False
+    for inputs in recording.seen:  # each row keeps its own number of images (0 for a text-only prompt)
+        colours = [_colour_of(p) for p in tokenizer.batch_decode(inputs["prompt_ids"], skip_special_tokens=True)]
+        assert inputs["num_images"] == [counts[c] for c in colours]
+        mixed |= 0 in inputs["num_images"] and max(inputs["num_images"]) > 0
+    assert mixed or algorithm == "gpg"
+
+
+# --- class-level defaults for a trainer built without __init__ (TRL's rollout-dispatch tests) -----------------------
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_generate_dispatches_to_a_rollout_func_on_a_trainer_built_without_init(algorithm):
+    """As TRL's TestGRPORolloutDispatch builds a GRPOTrainer: attributes set by hand, small stand-ins owned here."""
+    from types import SimpleNamespace
+
+    _, trainer_cls = TRAINERS[algorithm]
+    trainer = object.__new__(trainer_cls)
+    trainer.accelerator = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, gather=lambda t: t)
+    trainer.args = SimpleNamespace(report_to=[])
+    trainer.model = SimpleNamespace(training=True)
+    trainer.state = SimpleNamespace(global_step=2, num_input_tokens_seen=0)
+    trainer._last_loaded_step, trainer.use_vllm, trainer.use_transformers_continuous_batching = 1, False, False
+    trainer.processing_class = SimpleNamespace(batch_decode=lambda ids, **kwargs: ["decoded"] * len(ids))
+    trainer._tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    trainer.eos_token_ids = [2]  # read by TRL 1.16's _generate
+    trainer.tools = None
+    lengths = ["mean_length", "min_length", "max_length", "clipped_ratio", "mean_terminated_length",
+               "min_terminated_length", "max_terminated_length"]  # fmt: skip
+    trainer._metrics = {"train": {"num_tokens": [], **{f"completions/{k}": [] for k in lengths}}}
+    calls = []
+
+    def rollout(prompts, trainer_):
+        calls.append((prompts, trainer_))
+        return {"prompt_ids": [[1]], "completion_ids": [[2]], "logprobs": [[-0.1]], "env_mask": [[1]]}
+
+    trainer.rollout_func = rollout
+    result = trainer._generate(["prompt"])
+    assert result[0] == [[1]] and result[1] == [[2]] and result[2] == [[1]]  # prompt ids, completion ids, env mask
+    assert calls == [(["prompt"], trainer)]
+
+
+# --- messages that name the cause ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (dict(reward_weights=[1e30]), r"reward_weights=\[1e\+30\] is so large that the loss or its gradient overflows"),
+        (dict(gvpo_beta=1e30), r"gvpo_beta=1e\+30 is so large"),
+        (dict(gvpo_beta=1e25, learning_rate=1e7), r"gvpo_beta=1e\+25, learning_rate=10000000.0 are so large"),
+    ],
+)
+def test_a_nonfinite_stop_names_the_extreme_setting(tmp_path, overrides, names):
+    trainer = make_trainer("gvpo", tmp_path, max_steps=3, steps_per_generation=2, **overrides)
+    before = _params(trainer)
+    with pytest.raises(FloatingPointError, match=rf"stopping before it reaches the parameters. Likely cause: {names}"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    if "learning_rate" not in overrides:
+        assert _unchanged(before, trainer)
+
+
+class PoisonBufferAt(TrainerCallback):
+    """After optimizer step ``step``, every stored sample's behaviour log-probs become NaN (a damaged buffer)."""
+
+    def __init__(self, trainer, step):
+        self.trainer, self.step = trainer, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            for sample in self.trainer.sample_buffer.samples():
+                sample.logps = torch.full_like(sample.logps, float("nan"))
+
+
+@pytest.mark.parametrize("algorithm", ["gspo", "gpg"])
+def test_nan_behaviour_logps_of_stored_samples_are_named_not_the_rewards(tmp_path, algorithm):
+    dataset = Dataset.from_dict({"prompt": list(build_dataset(4)["prompt"]) * 8})
+    trainer = make_trainer(algorithm, tmp_path, dataset=dataset, max_steps=4, steps_per_generation=2,
+                           per_device_train_batch_size=8, **BUFFERED)  # fmt: skip
+    trainer.add_callback(PoisonBufferAt(trainer, 2))
+    with pytest.raises(FloatingPointError, match=r"Likely cause: \d+ stored mixed-buffer sample\(s\) in this batch "
+                                                 r"\(staleness \[.*\] steps\) have NaN or infinite behaviour log-probs"):  # fmt: skip
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def _reward_models():
+    from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
+
+    from .helpers import tiny_model_path
+
+    causal = AutoModelForCausalLM.from_pretrained(tiny_model_path())
+    two_labels = LlamaForSequenceClassification(causal.config.__class__(**{**causal.config.to_dict(), "num_labels": 2}))
+    return {
+        "causal-lm": (causal, ValueError, r"reward_funcs\[0\] \(LlamaForCausalLM\) is a language model"),
+        "bare-module": (torch.nn.Linear(4, 1), TypeError, r"reward_funcs\[0\] \(Linear\) is a torch module without a "
+                                                           r"transformers config"),
+        "two-labels": (two_labels, ValueError, r"has num_labels=2; TRL reads one logit per completion"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("kind", ["causal-lm", "bare-module", "two-labels"])
+def test_a_reward_model_that_is_not_a_one_label_classifier_is_refused_at_construction(tmp_path, algorithm, kind):
+    model, error, says = _reward_models()[kind]
+    with pytest.raises(error, match=rf"{says}.*AutoModelForSequenceClassification.*num_labels=1"):
+        make_trainer(algorithm, tmp_path, reward=model)
+
+
+def test_a_one_label_reward_model_is_accepted(tmp_path):
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    from .helpers import tiny_model_path
+
+    config = AutoConfig.from_pretrained(tiny_model_path(), num_labels=1)
+    trainer = make_trainer("gvpo", tmp_path, reward=LlamaForSequenceClassification(config), max_steps=1)
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
