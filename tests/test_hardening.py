@@ -12,7 +12,7 @@ from datasets import Dataset
 from gvpo_trl import TRAINERS
 from gvpo_trl.buffer import BUFFER_STATE_NAME
 from gvpo_trl.checkpoints import RUN_FILE
-from gvpo_trl.toy import build_dataset, repeat_letter_reward
+from gvpo_trl.demo.toy import build_dataset, repeat_letter_reward
 
 from .helpers import make_trainer
 
@@ -212,6 +212,7 @@ def test_empty_prompt_in_a_stream_is_refused_at_its_batch(tmp_path):
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
+
 
 def remark(checkpoint):
     """Rewrite the completion marker's file sizes to the folder's current ones (a tampering that keeps them)."""

@@ -20,7 +20,7 @@ from gvpo_trl import TRAINERS
 from gvpo_trl.buffer import BUFFER_STATE_NAME
 from gvpo_trl.checkpoint_integrity import MARKER, checkpoint_files
 from gvpo_trl.checkpoints import RUN_FILE
-from gvpo_trl.toy import build_dataset, repeat_letter_reward
+from gvpo_trl.demo.toy import build_dataset, repeat_letter_reward
 
 from .helpers import cpu_args, make_trainer
 from .test_hardening import remark
@@ -85,13 +85,14 @@ def test_every_checkpoint_is_marked_complete_last_with_its_files_and_optimizer(t
 
 # what a process killed during the save of checkpoint-4 leaves behind (files in the order transformers writes them)
 CUT_SHORT = {
-    "after-the-model": lambda folder: [p.unlink() for p in folder.iterdir() if not p.name.startswith(("model", "config",
-                                                                                                   "generation"))],
+    "after-the-model": lambda folder: [
+        p.unlink() for p in folder.iterdir() if not p.name.startswith(("model", "config", "generation"))
+    ],
     "in-the-optimizer": lambda folder: [
         (folder / "optimizer.pt").write_bytes((folder / "optimizer.pt").read_bytes()[:1000]),
         *[(folder / n).unlink() for n in ("scheduler.pt", "trainer_state.json", RUN_FILE, MARKER, "rng_state.pth")],
     ],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("cut", CUT_SHORT)
@@ -99,8 +100,11 @@ def test_resume_true_skips_a_checkpoint_cut_short_and_says_which_it_takes(tmp_pa
     dataset, settings = _two_checkpoints(tmp_path)
     CUT_SHORT[cut](tmp_path / "checkpoint-4")
     trainer, recorder = _resumed(tmp_path, dataset, settings)
-    with pytest.warns(UserWarning, match=r"skips checkpoint-4 \(.*checkpoint-4/.*\), and resumes from .*checkpoint-2, "
-                                         r"the newest complete checkpoint"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"skips checkpoint-4 \(.*checkpoint-4/.*\), and resumes from .*checkpoint-2, "
+        r"the newest complete checkpoint",
+    ):
         trainer.train(resume_from_checkpoint=True)
     assert recorder.steps == [3, 4, 5, 6]  # continued from step 2, with its optimizer
     assert any("resuming from" in r.getMessage() and r.getMessage().endswith(f"in {tmp_path})") for r in caplog.records)
@@ -122,26 +126,36 @@ def _random_bytes_same_size(path):
 
 
 DAMAGE = {  # damage -> (what to do to checkpoint-4, the file the refusal names and what it says)
-    "optimizer-missing": (lambda f: (f / "optimizer.pt").unlink(),
-                          r"optimizer.pt is missing \(the checkpoint listed it"),
-    "optimizer-missing-unmarked": (lambda f: [(f / "optimizer.pt").unlink(), (f / MARKER).unlink()],
-                                   r"optimizer.pt is missing: resuming would restart the optimizer and the "
-                                   r"learning-rate schedule silently"),
-    "optimizer-random-bytes": (lambda f: _random_bytes_same_size(f / "optimizer.pt"),
-                               r"optimizer.pt cannot be read \("),
+    "optimizer-missing": (
+        lambda f: (f / "optimizer.pt").unlink(),
+        r"optimizer.pt is missing \(the checkpoint listed it",
+    ),
+    "optimizer-missing-unmarked": (
+        lambda f: [(f / "optimizer.pt").unlink(), (f / MARKER).unlink()],
+        r"optimizer.pt is missing: resuming would restart the optimizer and the "
+        r"learning-rate schedule silently",
+    ),
+    "optimizer-random-bytes": (
+        lambda f: _random_bytes_same_size(f / "optimizer.pt"),
+        r"optimizer.pt cannot be read \(",
+    ),
     "scheduler-random-bytes": (lambda f: _random_bytes_same_size(f / "scheduler.pt"), r"scheduler.pt cannot be read"),
-    "trainer-state-corrupted": (lambda f: [(f / "trainer_state.json").write_text('{"global_step": 4, "log_hi'),
-                                           remark(f)],
-                                r"trainer_state.json cannot be read \(JSONDecodeError"),
-    "trainer-state-a-list": (lambda f: [(f / "trainer_state.json").write_text("[4]"), remark(f)],
-                             r"trainer_state.json cannot be read \(ValueError: not a JSON object"),
-    "trainer-state-truncated": (lambda f: (f / "trainer_state.json").write_text("{}"),
-                                r"trainer_state.json has 2 bytes, \d+ when it was saved \(truncated"),
-    "model-truncated": (lambda f: (f / "model.safetensors").write_bytes(b"\0" * 64),
-                        r"model.safetensors has 64 bytes"),
+    "trainer-state-corrupted": (
+        lambda f: [(f / "trainer_state.json").write_text('{"global_step": 4, "log_hi'), remark(f)],
+        r"trainer_state.json cannot be read \(JSONDecodeError",
+    ),
+    "trainer-state-a-list": (
+        lambda f: [(f / "trainer_state.json").write_text("[4]"), remark(f)],
+        r"trainer_state.json cannot be read \(ValueError: not a JSON object",
+    ),
+    "trainer-state-truncated": (
+        lambda f: (f / "trainer_state.json").write_text("{}"),
+        r"trainer_state.json has 2 bytes, \d+ when it was saved \(truncated",
+    ),
+    "model-truncated": (lambda f: (f / "model.safetensors").write_bytes(b"\0" * 64), r"model.safetensors has 64 bytes"),
     "marker-garbage": (lambda f: (f / MARKER).write_bytes(os.urandom(64)), rf"{MARKER} cannot be read"),
     "marker-a-list": (lambda f: (f / MARKER).write_text("[]"), rf"{MARKER} cannot be read \(ValueError: not a JSON"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -152,8 +166,11 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_complete_one(tm
     act(folder)
     trainer, recorder = _resumed(tmp_path, dataset, settings)
     before = _params(trainer)
-    with pytest.raises(ValueError, match=rf"refusing to resume from {folder}: {folder}/{says}.*resume from "
-                                         rf"{tmp_path / 'checkpoint-2'} \(complete\), or start fresh"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"refusing to resume from {folder}: {folder}/{says}.*resume from "
+        rf"{tmp_path / 'checkpoint-2'} \(complete\), or start fresh",
+    ):
         trainer.train(resume_from_checkpoint=str(folder))
     assert _unchanged(before, trainer) and recorder.steps == []  # refused before anything was loaded
 
@@ -162,8 +179,11 @@ def test_resuming_with_another_optimizer_is_refused_before_loading(tmp_path):
     dataset, settings = _two_checkpoints(tmp_path)
     trainer, _ = _resumed(tmp_path, dataset, settings, optim="sgd")
     before = _params(trainer)
-    with pytest.raises(ValueError, match=r"optimizer.pt holds the state of optim='(adamw_torch\w*)' \(AdamW\), this "
-                                         r"run uses optim='sgd'; resume with optim='\1'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"optimizer.pt holds the state of optim='(adamw_torch\w*)' \(AdamW\), this "
+        r"run uses optim='sgd'; resume with optim='\1'",
+    ):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     assert _unchanged(before, trainer)
 
@@ -172,8 +192,11 @@ def test_another_optimizers_state_without_a_marker_is_refused_at_its_load(tmp_pa
     dataset, settings = _two_checkpoints(tmp_path)
     (tmp_path / "checkpoint-4" / MARKER).unlink()  # an older checkpoint: only the load can tell
     trainer, recorder = _resumed(tmp_path, dataset, settings, optim="sgd")
-    with pytest.raises(ValueError, match=r"checkpoint-4/optimizer.pt / scheduler.pt of .*checkpoint-4 holds the state "
-                                         r"of another optimizer \(its parameter groups lack \[.*'momentum'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint-4/optimizer.pt / scheduler.pt of .*checkpoint-4 holds the state "
+        r"of another optimizer \(its parameter groups lack \[.*'momentum'",
+    ):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     assert recorder.steps == []
 
@@ -199,9 +222,12 @@ def test_a_disk_that_fills_during_the_save_names_the_folder_and_resume_falls_bac
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     try:
-        with pytest.raises(OSError, match=r"writing the checkpoint .*checkpoint-4 failed \(.*\); the folder is "
-                                          rf"incomplete \(it has no {MARKER}\), so resume_from_checkpoint=True will "
-                                          r"skip it.*Free disk space"):  # fmt: skip
+        with pytest.raises(
+            OSError,
+            match=r"writing the checkpoint .*checkpoint-4 failed \(.*\); the folder is "
+            rf"incomplete \(it has no {MARKER}\), so resume_from_checkpoint=True will "
+            r"skip it.*Free disk space",
+        ):
             trainer.train()
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -255,8 +281,11 @@ def test_a_long_setting_in_the_run_identity_gives_a_bounded_difference(tmp_path)
 BUFFERED = dict(buffer_history_per_group=2, buffer_selection="uniform", buffer_max_staleness=4)
 
 BUFFER_TAMPERED = {  # what is done to the first stored sample -> what the refusal says
-    "id-beyond-vocab": (lambda s: s["completion_ids"].__setitem__(0, 10_000), r"sample 0 has token id\(s\) \[10000\] "
-                        r"outside the vocabulary \[0, \d+\)"),
+    "id-beyond-vocab": (
+        lambda s: s["completion_ids"].__setitem__(0, 10_000),
+        r"sample 0 has token id\(s\) \[10000\] "
+        r"outside the vocabulary \[0, \d+\)",
+    ),
     "negative-id": (lambda s: s["completion_ids"].__setitem__(0, -3), r"token id\(s\) \[-3\] outside the vocabulary"),
     "nan-logps": (lambda s: s["logps"].__setitem__(0, float("nan")), r"sample 0 has behaviour log-probs that are NaN"),
     "positive-logps": (lambda s: s["logps"].fill_(2.0), r"log-probs that are NaN, infinite or > 0"),
@@ -265,7 +294,7 @@ BUFFER_TAMPERED = {  # what is done to the first stored sample -> what the refus
     "rewards-count": (lambda s: s.__setitem__("rewards", [0.0, 1.0]), r"one reward per reward function \(1\)"),
     "no-ids": (lambda s: s.__setitem__("completion_ids", []), r"not a non-empty list of token ids"),
     "uid-negative": (lambda s: s.__setitem__("uid", -1), r"uids must be distinct integers"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("tampered", BUFFER_TAMPERED)
@@ -278,8 +307,11 @@ def test_a_buffer_state_with_impossible_samples_is_refused_naming_the_file(tmp_p
     torch.save(state, path)
     remark(folder)
     trainer, recorder = _resumed(tmp_path, dataset, settings)
-    with pytest.raises(ValueError, match=rf"mixed-buffer state {path} cannot be read \(ValueError: .*"
-                                         rf"{BUFFER_TAMPERED[tampered][1]}.*Resume from an earlier checkpoint"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"mixed-buffer state {path} cannot be read \(ValueError: .*"
+        rf"{BUFFER_TAMPERED[tampered][1]}.*Resume from an earlier checkpoint",
+    ):
         trainer.train(resume_from_checkpoint=str(folder))
     assert recorder.steps == []
 
@@ -314,8 +346,11 @@ def test_settings_that_would_train_nothing_are_refused_at_construction(algorithm
 @pytest.mark.parametrize("num_prompts", [1, 3])
 def test_a_dataset_smaller_than_one_generation_batch_is_refused(tmp_path, algorithm, num_prompts):
     # 8 rows per micro-step, groups of 4, 2 micro-steps per generation: 16 rows, 4 distinct prompts
-    with pytest.raises(ValueError, match=rf"the train dataset has {num_prompts} prompt\(s\), but one generation batch "
-                                         r"draws 4 distinct prompts .*would train 0 steps"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"the train dataset has {num_prompts} prompt\(s\), but one generation batch "
+        r"draws 4 distinct prompts .*would train 0 steps",
+    ):
         make_trainer(algorithm, tmp_path, num_prompts=num_prompts, steps_per_generation=2)
 
 
@@ -366,8 +401,11 @@ GENERATION_SETTINGS = [
     (dict(generation_kwargs={"temperature": 0.0}), r"generation_kwargs\['temperature'\]=0.0 is not > 0"),
     (dict(generation_kwargs={"temperature": -0.5}), r"generation_kwargs\['temperature'\]=-0.5 is not > 0"),
     (dict(generation_kwargs='{"temperature": 0}'), r"generation_kwargs\['temperature'\]=0 is not > 0"),
-    (dict(generation_kwargs={"num_return_sequences": 2}), r"generation_kwargs\['num_return_sequences'\]=2 would "
-                                                          r"return several completions per row.*set num_generations"),
+    (
+        dict(generation_kwargs={"num_return_sequences": 2}),
+        r"generation_kwargs\['num_return_sequences'\]=2 would "
+        r"return several completions per row.*set num_generations",
+    ),
     (dict(top_k=-1), r"top_k=-1 is not an integer >= 0 .*Set top_k=0 to turn top-k filtering off"),
     (dict(generation_kwargs={"top_k": -1}), r"generation_kwargs\['top_k'\]=-1 is not an integer >= 0"),
     (dict(generation_kwargs={"top_k": 2.5}), r"generation_kwargs\['top_k'\]=2.5 is not an integer >= 0"),
@@ -380,7 +418,7 @@ GENERATION_SETTINGS = [
     (dict(steps_per_generation=0), r"steps_per_generation must be an integer >= 1 .*got 0"),
     (dict(steps_per_generation=-2), r"steps_per_generation must be an integer >= 1 .*got -2"),
     (dict(gradient_accumulation_steps=0), r"gradient_accumulation_steps must be an integer >= 1 .*got 0"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -419,9 +457,13 @@ def _rollout_returning(completions):
 def test_a_rollout_funcs_impossible_completions_are_refused(tmp_path, monkeypatch, algorithm, completions, match):
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     config_cls, trainer_cls = TRAINERS[algorithm]
-    trainer = trainer_cls(model=make_trainer(algorithm, tmp_path).model, reward_funcs=repeat_letter_reward,
-                          args=cpu_args(config_cls, tmp_path, max_steps=1), train_dataset=build_dataset(16),
-                          rollout_func=_rollout_returning(completions))  # fmt: skip
+    trainer = trainer_cls(
+        model=make_trainer(algorithm, tmp_path).model,
+        reward_funcs=repeat_letter_reward,
+        args=cpu_args(config_cls, tmp_path, max_steps=1),
+        train_dataset=build_dataset(16),
+        rollout_func=_rollout_returning(completions),
+    )
     before = _params(trainer)
     with pytest.raises(ValueError, match=match):
         trainer.train()
@@ -431,9 +473,13 @@ def test_a_rollout_funcs_impossible_completions_are_refused(tmp_path, monkeypatc
 def test_a_rollout_func_with_real_completions_trains(tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     config_cls, trainer_cls = TRAINERS["gvpo"]
-    trainer = trainer_cls(model=make_trainer("gvpo", tmp_path).model, reward_funcs=repeat_letter_reward,
-                          args=cpu_args(config_cls, tmp_path, max_steps=2), train_dataset=build_dataset(16),
-                          rollout_func=_rollout_returning([[4, 4, 2], [5, 2], [4, 2], [6, 7, 8, 2]]))  # fmt: skip
+    trainer = trainer_cls(
+        model=make_trainer("gvpo", tmp_path).model,
+        reward_funcs=repeat_letter_reward,
+        args=cpu_args(config_cls, tmp_path, max_steps=2),
+        train_dataset=build_dataset(16),
+        rollout_func=_rollout_returning([[4, 4, 2], [5, 2], [4, 2], [6, 7, 8, 2]]),
+    )
     trainer.train()
     assert len([h for h in trainer.state.log_history if "gvpo/loss" in h]) == 2
 
@@ -443,13 +489,20 @@ def tiny_gpt2(tmp_path_factory):
     """A tiny GPT-2 (learned position embeddings: 16 positions) with the toy tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gvpo_trl.toy import build_tokenizer
+    from gvpo_trl.demo.toy import build_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-gpt2")
     tokenizer = build_tokenizer()
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=32, n_layer=1, n_head=2,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=16,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -458,16 +511,23 @@ def tiny_gpt2(tmp_path_factory):
 
 def _gpt2_trainer(path, tmp_path, algorithm="gvpo", dataset=None, **overrides):
     config_cls, trainer_cls = TRAINERS[algorithm]
-    return trainer_cls(model=path, reward_funcs=repeat_letter_reward, train_dataset=dataset or build_dataset(16),
-                       args=cpu_args(config_cls, tmp_path, **{"max_steps": 1, **overrides}))  # fmt: skip
+    return trainer_cls(
+        model=path,
+        reward_funcs=repeat_letter_reward,
+        train_dataset=dataset or build_dataset(16),
+        args=cpu_args(config_cls, tmp_path, **{"max_steps": 1, **overrides}),
+    )
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_completions_longer_than_the_models_positions_are_refused_before_training(tiny_gpt2, tmp_path, algorithm):
     trainer = _gpt2_trainer(tiny_gpt2, tmp_path, algorithm, max_completion_length=16)
     before = _params(trainer)
-    with pytest.raises(ValueError, match=r"max_completion_length=16 does not fit the model, which embeds at most 16 "
-                                         r"positions .*Set max_completion_length below 16"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"max_completion_length=16 does not fit the model, which embeds at most 16 "
+        r"positions .*Set max_completion_length below 16",
+    ):
         trainer.train()
     assert _unchanged(before, trainer)
 
@@ -476,9 +536,12 @@ def test_a_prompt_that_leaves_no_room_for_the_completion_is_refused_at_its_batch
     prompts = list(build_dataset(16)["prompt"])
     prompts[3] = "abcdefghijkl:"  # 13 tokens + 8 completion tokens > 16 positions
     trainer = _gpt2_trainer(tiny_gpt2, tmp_path, dataset=Dataset.from_dict({"prompt": prompts}), shuffle_dataset=False)
-    with pytest.raises(ValueError, match=r"a prompt of 13 tokens \(row \d+ of this batch\) plus max_completion_length=8"
-                                         r" exceeds the model's 16 positions. Shorten or filter such prompts \(at most "
-                                         r"8 tokens\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"a prompt of 13 tokens \(row \d+ of this batch\) plus max_completion_length=8"
+        r" exceeds the model's 16 positions. Shorten or filter such prompts \(at most "
+        r"8 tokens\)",
+    ):
         trainer.train()
 
 
@@ -494,12 +557,15 @@ MALFORMED_PROMPTS = {
     "ints": ([1, 2, 3, 4], r"a malformed prompt \(\d\): a int, not a string or a conversation"),
     "floats": ([0.5, 1.5, 2.5, 3.5], r"a malformed prompt \(\d.5\): a float"),
     "bytes": ([b"abc:", b"bcd:"], r"a malformed prompt \(b'abc:'\): a bytes"),
-    "single-message": ([{"role": "user", "content": "abc:"}] * 2, r"a single message \(a dict\): a conversation is a "
-                                                                  r"list of messages"),
+    "single-message": (
+        [{"role": "user", "content": "abc:"}] * 2,
+        r"a single message \(a dict\): a conversation is a "
+        r"list of messages",
+    ),
     "no-role": ([[{"content": "abc:"}]] * 2, r"message 0 has no 'role'"),
     "nested-lists": ([[[{"role": "user", "content": "abc:"}]]] * 2, r"a list of lists \(message 0 is a list\)"),
     "strings-in-a-list": ([["abc:", "bcd:"]] * 2, r"message 0 is a str, not a dict with 'role' and 'content'"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -538,18 +604,25 @@ def test_content_blocks_count_by_their_text(tmp_path):
 def test_a_stream_without_a_prompt_column_names_the_columns(tmp_path):
     stream = Dataset.from_dict({"question": list(build_dataset(16)["prompt"])}).to_iterable_dataset()
     trainer = make_trainer("gvpo", tmp_path, dataset=stream, max_steps=1, steps_per_generation=1)
-    with pytest.raises(ValueError, match=r"a batch of the dataset has no 'prompt' column \(columns: \['question'\]\)"
-                                         r".*rename_column\('question', 'prompt'\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"a batch of the dataset has no 'prompt' column \(columns: \['question'\]\)"
+        r".*rename_column\('question', 'prompt'\)",
+    ):
         trainer.train()
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("column", ["completions", "prompts", "trainer_state", "completion_ids", "log_metric",
-                                    "log_extra", "environments"])  # fmt: skip
+@pytest.mark.parametrize(
+    "column", ["completions", "prompts", "trainer_state", "completion_ids", "log_metric", "log_extra", "environments"]
+)
 def test_columns_named_like_reward_keywords_are_refused_at_construction(tmp_path, algorithm, column):
     data = build_dataset(16).add_column(column, ["x"] * 16)
-    with pytest.raises(ValueError, match=rf"the train dataset has column\(s\) \['{column}'\] named like the keyword "
-                                         rf"arguments TRL passes to every reward function.*rename_column"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"the train dataset has column\(s\) \['{column}'\] named like the keyword "
+        rf"arguments TRL passes to every reward function.*rename_column",
+    ):
         make_trainer(algorithm, tmp_path, dataset=data)
 
 
@@ -578,12 +651,22 @@ def test_external_token_ids_outside_the_vocabulary_are_refused(tmp_path, algorit
     data = build_dataset(4)
     data = data.add_column("demo", [[5, 2], [6, bad, 2], [7, 2], [8, 2]])
     data = data.add_column("lp", [[-0.5] * len(ids) for ids in data["demo"]])
-    trainer = make_trainer(algorithm, tmp_path, dataset=data, max_steps=1, steps_per_generation=1,
-                           shuffle_dataset=False, external_completions_column="demo",
-                           external_logps_column="lp")  # fmt: skip
+    trainer = make_trainer(
+        algorithm,
+        tmp_path,
+        dataset=data,
+        max_steps=1,
+        steps_per_generation=1,
+        shuffle_dataset=False,
+        external_completions_column="demo",
+        external_logps_column="lp",
+    )
     before = _params(trainer)
-    with pytest.raises(ValueError, match=rf"the external completion column 'demo' returned token id\(s\) \[{bad}\] "
-                                         r"that are not ids of the vocabulary \[0, 32\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"the external completion column 'demo' returned token id\(s\) \[{bad}\] "
+        r"that are not ids of the vocabulary \[0, 32\)",
+    ):
         trainer.train()
     assert _unchanged(before, trainer)
 
@@ -598,10 +681,22 @@ def _environment_trainer(algorithm, tmp_path, environment, dataset=None, **overr
     from .tiny_models import build_tiny_moe
 
     config_cls, trainer_cls = TRAINERS[algorithm]
-    args = cpu_args(config_cls, tmp_path, max_steps=2, num_generations=4, max_completion_length=64,
-                    learning_rate=0.1, **{**TOOL_RUNS[algorithm], **overrides})  # fmt: skip
-    return trainer_cls(model=build_tiny_moe(chat_template=qwen3_chat_template), reward_funcs=_length_reward,
-                       args=args, train_dataset=dataset, environment_factory=environment)  # fmt: skip
+    args = cpu_args(
+        config_cls,
+        tmp_path,
+        max_steps=2,
+        num_generations=4,
+        max_completion_length=64,
+        learning_rate=0.1,
+        **{**TOOL_RUNS[algorithm], **overrides},
+    )
+    return trainer_cls(
+        model=build_tiny_moe(chat_template=qwen3_chat_template),
+        reward_funcs=_length_reward,
+        args=args,
+        train_dataset=dataset,
+        environment_factory=environment,
+    )
 
 
 class OwnsTheData:
@@ -667,8 +762,10 @@ def _mixed_image_dataset(num_prompts=8):
 
     from .test_trl_parity import COLOURS
 
-    images = [[Image.new("RGB", (16, 16), COLOURS[i % len(COLOURS)])] * (1 + i % 3 // 2) if i % 3 else []
-              for i in range(num_prompts)]  # fmt: skip
+    images = [
+        [Image.new("RGB", (16, 16), COLOURS[i % len(COLOURS)])] * (1 + i % 3 // 2) if i % 3 else []
+        for i in range(num_prompts)
+    ]
     prompts = [[{"role": "user", "content": f"colour {i}?"}] for i in range(num_prompts)]
     return Dataset.from_dict({"prompt": prompts, "images": images})
 
@@ -686,8 +783,13 @@ def test_generation_batches_mixing_image_and_text_only_prompts_train(tmp_path, a
     args = cpu_args(config_cls, tmp_path, max_steps=2, num_generations=2, max_completion_length=6, **rows)
     assert args.per_device_train_batch_size * args.steps_per_generation // 2 >= 2  # a batch draws several prompts
     dataset = _mixed_image_dataset()
-    trainer = recording(model=path, reward_funcs=_varied_reward, args=args, train_dataset=dataset,
-                        processing_class=tiny_qwen2_vl_processor(path))  # fmt: skip
+    trainer = recording(
+        model=path,
+        reward_funcs=_varied_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tiny_qwen2_vl_processor(path),
+    )
     before = _params(trainer)
     trainer.train()
     assert not _unchanged(before, trainer)
@@ -722,8 +824,15 @@ def test_generate_dispatches_to_a_rollout_func_on_a_trainer_built_without_init(a
     trainer._tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0)
     trainer.eos_token_ids = [2]  # read by TRL 1.16's _generate
     trainer.tools = None
-    lengths = ["mean_length", "min_length", "max_length", "clipped_ratio", "mean_terminated_length",
-               "min_terminated_length", "max_terminated_length"]  # fmt: skip
+    lengths = [
+        "mean_length",
+        "min_length",
+        "max_length",
+        "clipped_ratio",
+        "mean_terminated_length",
+        "min_terminated_length",
+        "max_terminated_length",
+    ]
     trainer._metrics = {"train": {"num_tokens": [], **{f"completions/{k}": [] for k in lengths}}}
     calls = []
 
@@ -773,11 +882,21 @@ class PoisonBufferAt(TrainerCallback):
 @pytest.mark.parametrize("algorithm", ["gspo", "gpg"])
 def test_nan_behaviour_logps_of_stored_samples_are_named_not_the_rewards(tmp_path, algorithm):
     dataset = Dataset.from_dict({"prompt": list(build_dataset(4)["prompt"]) * 8})
-    trainer = make_trainer(algorithm, tmp_path, dataset=dataset, max_steps=4, steps_per_generation=2,
-                           per_device_train_batch_size=8, **BUFFERED)  # fmt: skip
+    trainer = make_trainer(
+        algorithm,
+        tmp_path,
+        dataset=dataset,
+        max_steps=4,
+        steps_per_generation=2,
+        per_device_train_batch_size=8,
+        **BUFFERED,
+    )
     trainer.add_callback(PoisonBufferAt(trainer, 2))
-    with pytest.raises(FloatingPointError, match=r"Likely cause: \d+ stored mixed-buffer sample\(s\) in this batch "
-                                                 r"\(staleness \[.*\] steps\) have NaN or infinite behaviour log-probs"):  # fmt: skip
+    with pytest.raises(
+        FloatingPointError,
+        match=r"Likely cause: \d+ stored mixed-buffer sample\(s\) in this batch "
+        r"\(staleness \[.*\] steps\) have NaN or infinite behaviour log-probs",
+    ):
         trainer.train()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
@@ -791,10 +910,14 @@ def _reward_models():
     two_labels = LlamaForSequenceClassification(causal.config.__class__(**{**causal.config.to_dict(), "num_labels": 2}))
     return {
         "causal-lm": (causal, ValueError, r"reward_funcs\[0\] \(LlamaForCausalLM\) is a language model"),
-        "bare-module": (torch.nn.Linear(4, 1), TypeError, r"reward_funcs\[0\] \(Linear\) is a torch module without a "
-                                                           r"transformers config"),
+        "bare-module": (
+            torch.nn.Linear(4, 1),
+            TypeError,
+            r"reward_funcs\[0\] \(Linear\) is a torch module without a "
+            r"transformers config",
+        ),
         "two-labels": (two_labels, ValueError, r"has num_labels=2; TRL reads one logit per completion"),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
