@@ -49,8 +49,9 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
     "_prepare_inputs": ("self", "generation_batch"),
     # replaced: the loss seam that ``compute_loss`` calls
     "_compute_loss": ("self", "model", "inputs"),
-    # called: per-token log-probs of the completion tokens, the MoE router loss (compute_aux_loss) and, by keyword, the
-    # multimodal inputs of MULTIMODAL_FORWARD_KEYS
+    # called, and overridden: per-token log-probs of the completion tokens, the MoE router loss (compute_aux_loss) and,
+    # by keyword, the multimodal inputs of MULTIMODAL_FORWARD_KEYS; a batch mixing image and text-only rows is passed
+    # on chunk by chunk (gvpo_trl.image_chunks). Returns (logps, entropies or None, aux loss or None)
     "_get_per_token_logps_and_entropies": (
         "self",
         "model",

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from . import checkpoint_integrity, checkpoints, generation_checks
+from . import checkpoint_integrity, checkpoints, generation_checks, image_chunks
 from ._trl_compat import MULTIMODAL_FORWARD_KEYS
 from .buffer import BufferMixin
 from .columns import ADVANTAGES, GROUP_ID, REWARDS
@@ -161,6 +161,16 @@ class GroupTrainer(NonFiniteGuards, BufferMixin, GRPOTrainer):
         if mode == "train" and same.all() and not self._warned_greedy:
             self._warned_greedy = True
             warnings.warn(generation_checks.greedy_warning(type(self).__name__, self.args, same.numel()), stacklevel=2)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **image_inputs):  # fmt: skip
+        compute = super()._get_per_token_logps_and_entropies
+        options = dict(compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss)
+        if not image_chunks.has_text_only_rows(image_inputs):
+            return compute(model, input_ids, attention_mask, logits_to_keep, batch_size, **options, **image_inputs)
+        # a chunk of text-only rows must get no image inputs (TRL would hand it empty ones)
+        return image_chunks.logps_by_chunk(compute, model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                           image_inputs, **options)  # fmt: skip
 
     def _tokenize_prompts(self, prompts):
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
