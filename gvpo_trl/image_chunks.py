@@ -3,7 +3,8 @@
 TRL computes per-token log-probs in chunks of ``batch_size`` rows and hands each chunk the images of its rows; a chunk
 of text-only rows then gets empty image tensors, which a vision-language model refuses (``torch.cat(): expected a
 non-empty list``). :func:`logps_by_chunk` makes the same chunks itself, moves each row's images with it (TRL's own
-per-row split), and passes no image inputs to a chunk without images. Batches whose every row has images go to TRL unchanged.
+per-row split), and passes no image inputs to a chunk without images. Batches whose every row has images go to
+TRL unchanged.
 """
 
 from __future__ import annotations
