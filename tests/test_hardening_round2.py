@@ -937,3 +937,24 @@ def test_a_one_label_reward_model_is_accepted(tmp_path):
     trainer = make_trainer("gvpo", tmp_path, reward=LlamaForSequenceClassification(config), max_steps=1)
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+@pytest.mark.distributed
+def test_with_two_processes_checkpoints_are_marked_after_both_wrote_and_resume_falls_back(tmp_path):
+    from pathlib import Path
+
+    from .distributed.harness import launch, launch_env
+
+    worker = Path(__file__).with_name("distributed") / "checkpoint_worker.py"
+    args = dict(max_steps=4, save_strategy="steps", save_steps=2, steps_per_generation=2, per_device_train_batch_size=4)
+    spec = {"args": args}
+    env = launch_env({"ACCELERATE_USE_CPU": "true"})
+    run = launch("checkpoint-2proc", spec, tmp_path, 2, "cpu_ddp_2proc.yaml", env, timeout=600, script=worker)
+    ranks = [json.loads((run.out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert {"optimizer.pt", "trainer_state.json", RUN_FILE, "rng_state_0.pth", "rng_state_1.pth"} <= set(
+            r["marker_files"]
+        )  # both processes' RNG states were written before the marker
+        assert r["steps"] == [3, 4, 5, 6]  # resumed from checkpoint-2 on both processes
+        assert len(r["skipped"]) == 1 and "skips checkpoint-4" in r["skipped"][0]
