@@ -47,20 +47,14 @@ def check_finite_fields(config: Any, name: str) -> None:
 
 
 def check_lengths(config: Any, name: str) -> None:
-    """Raise ``ValueError`` for generation settings that transformers or TRL would reject deep inside (or misuse)."""
+    """Raise ``ValueError`` for a completion length that transformers would reject deep inside."""
     if config.max_completion_length is not None and config.max_completion_length < 1:
         raise ValueError(
             f"{name}: max_completion_length must be >= 1 (tokens generated per completion), got "
             f"{config.max_completion_length}. Set max_completion_length to a positive number, or None for the model's "
             "own limit."
         )
-    if not config.temperature > 0:
-        raise ValueError(
-            f"{name}: temperature must be > 0 (completions are sampled; a group needs different completions), got "
-            f"{config.temperature}."
-        )
-    if not 0 < config.top_p <= 1:
-        raise ValueError(f"{name}: top_p must be in (0, 1], got {config.top_p}.")
+    # the sampling settings (temperature, top_p, ...) are checked with generation_kwargs: gvpo_trl.generation_checks
 
 
 # --- reward functions ----------------------------------------------------------------------------------------------

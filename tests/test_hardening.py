@@ -69,10 +69,10 @@ def test_infinity_is_accepted_where_it_means_no_limit(algorithm):
     [
         (dict(max_completion_length=0), r"max_completion_length must be >= 1 .*got 0"),
         (dict(max_completion_length=-5), r"max_completion_length must be >= 1 .*got -5"),
-        (dict(temperature=0.0), r"temperature must be > 0"),
-        (dict(temperature=-1.0), r"temperature must be > 0"),
-        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=0.0), r"temperature=0.0 is not > 0: completions are sampled"),
+        (dict(temperature=-1.0), r"temperature=-1.0 is not > 0"),
+        (dict(top_p=0.0), r"top_p=0.0 is outside \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p=1.5 is outside \(0, 1\]"),
     ],
 )
 def test_out_of_range_generation_settings_name_our_fields(algorithm, kwargs, match):
