@@ -189,7 +189,7 @@ def checkpoint_problems(folder: str, trainer: Any) -> list[str]:
         elif not os.path.exists(os.path.join(folder, "scheduler.pt")):
             problems.append(f"{os.path.join(folder, 'scheduler.pt')} is missing (the learning-rate schedule)")
         entries = os.listdir(folder)
-        if not any(e in _MODEL_FILES or e.startswith(("model-", "global_step")) for e in entries):
+        if not any(e in _MODEL_FILES or e.startswith(("model-", "global_step", "pytorch_model_fsdp")) for e in entries):
             problems.append(f"{folder} holds no model weights (model.safetensors)")
         if buffer_enabled(trainer.args) and not os.path.exists(os.path.join(folder, BUFFER_STATE_NAME)):
             problems.append(f"{os.path.join(folder, BUFFER_STATE_NAME)} (the mixed buffer) is missing")
