@@ -175,6 +175,10 @@ def with_off_policy_columns(batch: dict[str, Any], off_policy: bool, behaviour: 
     return out
 
 
+def _on(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
 def join_groups(rounds: list[GenerationRound], chosen: list[tuple[int, torch.Tensor]], pad_token_id: int) -> dict:
     """The batch of the ``chosen`` groups, re-padded across rounds; image tensors travel with their rows. Its
     ``num_items_in_batch`` is the first round's: the caller recounts it over all processes."""
@@ -314,42 +318,51 @@ class DynamicSampling:
         parts = [take_rows(fresh_rounds[r].output, rows) for r, rows in surplus_groups(fresh_rounds, chosen_fresh,
                                                                                         num_groups)]  # fmt: skip
         self.surplus = len(parts)
-        if not parts:
-            return
-        pad_id = getattr(self.trainer.processing_class, "tokenizer", self.trainer.processing_class).pad_token_id
-        rows = concat_generation_outputs(parts, pad_id) if len(parts) > 1 else parts[0]
-        behaviour = rows.get(BEHAVIOUR_LOGPS)
-        if behaviour is None or IS_HISTORICAL not in rows:
-            behaviour = self.trainer._generating_policy_logps(rows)
-        else:  # a member the buffer took from history or a dataset keeps its behaviour policy; the others are new
-            current = self.trainer._generating_policy_logps(rows)
-            given = rows[IS_HISTORICAL] | rows.get(IS_EXTERNAL, torch.zeros_like(rows[IS_HISTORICAL]))
-            behaviour = torch.where(given.unsqueeze(1), behaviour, current)
-        self._carried = {key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
-                         for key, value in with_off_policy_columns(rows, True, behaviour).items()}  # fmt: skip
+        rows = None
+        if parts:
+            pad_id = getattr(self.trainer.processing_class, "tokenizer", self.trainer.processing_class).pad_token_id
+            rows = concat_generation_outputs(parts, pad_id) if len(parts) > 1 else parts[0]
+        # with the buffer on, its behaviour column already holds the generating policy's log-probs of every row
+        behaviour = rows.get(BEHAVIOUR_LOGPS) if rows is not None else None
+        if BEHAVIOUR_LOGPS not in rounds[0].output:
+            behaviour = self._policy_logps(rows, rounds[0].output)
+        if rows is not None:
+            self._carried = {key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
+                             for key, value in with_off_policy_columns(rows, True, behaviour).items()}  # fmt: skip
+
+    def _policy_logps(self, rows: dict[str, Any] | None, placeholder: dict[str, Any]) -> torch.Tensor | None:
+        """The current policy's per-token log-probs of ``rows``, computed on every process when any process has rows
+        (a forward pass may be collective, as under ZeRO-3): a process without rows runs one row of
+        ``placeholder``."""
+        need = torch.tensor([float(rows is not None)], device=self.trainer.accelerator.device)
+        if self.trainer.accelerator.reduce(need, reduction="sum").item() == 0:
+            return None
+        logps = self.trainer._generating_policy_logps(
+            rows if rows is not None else take_rows(placeholder, torch.tensor([0]))
+        )
+        return logps if rows is not None else None
 
     def _take_carried(self, first: dict[str, Any], first_id: int, num_groups: int) -> dict[str, Any] | None:
         """The groups carried over from the previous generation batch, fitted to this one: unique group ids, and
         TRL's rollout log-probs recomputed under the current policy (the reference model's are unchanged)."""
         carried, self._carried = self._carried, None
-        if (
-            carried is None
-            or not self._carry_enabled(first)
-            or set(carried) - {"num_items_in_batch"}
-            != (set(with_off_policy_columns(first, False)) - {"num_items_in_batch"})
-        ):
-            return None
-        trainer, device = self.trainer, first[GROUP_ID].device
-        carried = {
-            key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in carried.items()
-        }
-        k = trainer.group_size
-        local = torch.arange(carried[GROUP_ID].numel(), device=device) // k
-        carried[GROUP_ID] = first_id + trainer.accelerator.process_index * num_groups + local
-        if "old_per_token_logps" in carried:
-            carried["old_per_token_logps"] = trainer._generating_policy_logps(
-                {key: v for key, v in carried.items() if key not in ("old_per_token_logps", "sampling_per_token_logps")}
+        fits = carried is not None and self._carry_enabled(first)
+        if fits and set(carried) - {"num_items_in_batch"} != set(with_off_policy_columns(first, False)) - {
+            "num_items_in_batch"
+        }:
+            fits = False  # another layout (a changed configuration): not used
+        carried = _on(carried, first[GROUP_ID].device) if fits else None
+        if carried is not None:
+            local = torch.arange(carried[GROUP_ID].numel(), device=carried[GROUP_ID].device) // self.trainer.group_size
+            carried[GROUP_ID] = first_id + self.trainer.accelerator.process_index * num_groups + local
+        if "old_per_token_logps" in first:  # the same on every process: each runs the forward pass if any needs it
+            strip = ("old_per_token_logps", "sampling_per_token_logps")
+            logps = self._policy_logps(
+                None if carried is None else {key: v for key, v in carried.items() if key not in strip},
+                {key: v for key, v in first.items() if key not in strip},
             )
+            if carried is not None:
+                carried["old_per_token_logps"] = logps
         return carried
 
     def save(self, folder: str) -> None:
