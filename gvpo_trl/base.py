@@ -31,6 +31,7 @@ from ._trl_compat import MULTIMODAL_FORWARD_KEYS
 from .buffer import BufferArgs, BufferMixin, buffer_enabled, check_buffer_config
 from .columns import ADVANTAGES, GROUP_ID, REWARDS
 from .groups import aggregate_rewards, count_groups, group_sizes, zero_variance_groups
+from .model_card import ModelCardMixin
 from .rows import regroup_batches
 from .validation import check_dataset, check_finite_fields, check_lengths, check_prompts, checked_reward_function
 
@@ -139,7 +140,7 @@ class EpochSeededSampler(Sampler):
             self.sampler.generator.manual_seed(self.sampler.seed + epoch)
 
 
-class GroupTrainer(BufferMixin, GRPOTrainer):
+class GroupTrainer(ModelCardMixin, BufferMixin, GRPOTrainer):
     """Base of ``GVPOTrainer``, ``GPGTrainer`` and ``GSPOTrainer``. Subclasses set ``config_class`` and implement
     ``compute_advantages`` and ``group_loss``; ``metric_prefix`` names their metrics in the logs."""
 

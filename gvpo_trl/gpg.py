@@ -20,6 +20,7 @@ from ._trl_compat import GRPO_LOSS_FIELDS, refuse_unused_grpo_fields
 from .base import GroupConfig, GroupTrainer
 from .columns import behaviour_logps
 from .groups import group_centered, group_std, sequence_sum, zero_variance_groups
+from .model_card import PAPERS, tag_names
 from .rows import concat_generation_outputs, merge_images, split_images, take_rows
 
 # --- math (pure functions) ---
@@ -279,6 +280,7 @@ class GPGTrainer(GroupTrainer):
 
     config_class = GPGConfig
     metric_prefix = "gpg"
+    _name, _paper, _tag_names = "GPG", PAPERS["gpg"], tag_names("gpg")  # the model card
     needs_behaviour_logps = True  # mixed buffer: a reused member is weighted against its stored log-probs
 
     def __init__(self, *args, **kwargs):

@@ -25,6 +25,7 @@ import torch
 from .base import GroupConfig, GroupTrainer
 from .columns import ADVANTAGES, GROUP_ID
 from .groups import count_groups, group_centered, group_mean, group_sizes, sequence_sum
+from .model_card import PAPERS, tag_names
 
 # --- math (pure functions) ---------------------------------------------------------------------------------------
 
@@ -169,6 +170,7 @@ class GVPOTrainer(GroupTrainer):
 
     config_class = GVPOConfig
     metric_prefix = "gvpo"
+    _name, _paper, _tag_names = "GVPO", PAPERS["gvpo"], tag_names("gvpo")  # the model card
 
     def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         return group_centered(rewards, group_ids)
