@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import textwrap
-from dataclasses import fields
 from typing import Any
 
 from .checkpoints import checkpoint_dir
@@ -71,10 +70,11 @@ def tag_names(algorithm: str) -> list[str]:
     return ["trl", "gvpo-trl", algorithm]
 
 
-def algorithm_settings(args: Any, base: type) -> dict[str, Any]:
-    """The fields ``type(args)`` declares beyond ``base`` (the algorithm's own: ``gvpo_beta``, ...), with values."""
-    inherited = {f.name for f in fields(base)}
-    return {f.name: getattr(args, f.name) for f in fields(args) if f.name not in inherited}
+def algorithm_settings(args: Any) -> dict[str, Any]:
+    """The fields the algorithm's config class declares itself (``gvpo_beta``, GSPO's ``epsilon``, ...), with their
+    values; ``num_generations`` is left out (the card states the group size)."""
+    declared = vars(type(args)).get("__annotations__", {})
+    return {name: getattr(args, name) for name in declared if name != "num_generations"}
 
 
 def training_notes(trainer_name: str, k: int, settings: dict[str, Any], args: Any, stats: dict[str, int]) -> str:
@@ -141,8 +141,7 @@ class ModelCardMixin:
         path = os.path.join(self.args.output_dir, "README.md")
         if not os.path.isfile(path):
             return
-        # the algorithm's own fields: those its config class adds to its parent (GroupConfig)
-        settings = algorithm_settings(self.args, type(self.args).__mro__[1])
+        settings = algorithm_settings(self.args)
         notes = training_notes(type(self).__name__, self.num_generations, settings, self.args, stats)
         with open(path, encoding="utf-8") as f:
             card = f.read()

@@ -35,10 +35,14 @@ def test_card_names_the_algorithm_cites_its_paper_and_tags_it(tmp_path, algorith
     )
     assert f"Cite {name} as:" in text and f"eprint       = {{arXiv:{paper['id']}}}" in text
     assert "GRPO" not in text and "DeepSeekMath" not in text and "2402.03300" not in text
-    own = {"gvpo": "`gvpo_beta=0.1`, `gvpo_reference='rollout'`", "gpg": "`min_valid_fraction=0.6`",
-           "gspo": "`gspo_token=False`"}[algorithm]  # fmt: skip
-    assert f"Trained with gvpo-trl {__version__} (`{name}Trainer`): groups of 4 completions per prompt, " in text
-    assert own in text
+    own = {
+        "gvpo": "`gvpo_beta=0.1`, `gvpo_reference='rollout'`, `scale_rewards='none'`.",
+        "gpg": "`scale_rewards='none'`, `use_age=True`, `min_valid_fraction=0.6`, `max_resample_rounds=20`, "
+        "`importance_weight_cap=2.0`.",
+        "gspo": "`epsilon=0.0003`, `epsilon_high=0.0004`, `importance_sampling_level='sequence'`, `loss_type='grpo'`, "
+        "`scale_rewards='group'`, `gspo_token=False`.",
+    }[algorithm]
+    assert f"Trained with gvpo-trl {__version__} (`{name}Trainer`): groups of 4 completions per prompt, {own}" in text
     assert "Mixed buffer" not in text and "Demonstrations" not in text
     assert trainer.model.model_tags == ["trl", "gvpo-trl", algorithm]  # what transformers' push_to_hub adds
 
