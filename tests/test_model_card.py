@@ -9,8 +9,8 @@ import pytest
 from huggingface_hub import ModelCard
 
 from gvpo_trl import __version__
+from gvpo_trl.demo.toy import build_dataset
 from gvpo_trl.model_card import PAPERS, insert_notes
-from gvpo_trl.toy import build_dataset
 
 from .helpers import make_trainer
 
@@ -37,8 +37,7 @@ def test_card_names_the_algorithm_cites_its_paper_and_tags_it(tmp_path, algorith
     assert "GRPO" not in text and "DeepSeekMath" not in text and "2402.03300" not in text
     own = {
         "gvpo": "`gvpo_beta=0.1`, `gvpo_reference='rollout'`, `scale_rewards='none'`.",
-        "gpg": "`scale_rewards='none'`, `use_age=True`, `min_valid_fraction=0.6`, `max_resample_rounds=20`, "
-        "`importance_weight_cap=2.0`.",
+        "gpg": "`scale_rewards='none'`, `use_age=True`, `min_valid_fraction=0.6`, `importance_weight_cap=2.0`.",
         "gspo": "`epsilon=0.0003`, `epsilon_high=0.0004`, `importance_sampling_level='sequence'`, `loss_type='grpo'`, "
         "`scale_rewards='group'`, `gspo_token=False`.",
     }[algorithm]
