@@ -339,6 +339,13 @@ def launch(argv: list[str], config_rest: list[str], cli_rest: list[str]) -> None
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     launcher, training = launcher_arguments(argv, config_rest, cli_rest)
+    _, unknown = launch_command_parser().parse_known_args([*launcher, "-m", "gvpo_trl"])
+    if unknown:
+        raise SystemExit(
+            f"gvpo-trl train: unknown flags {unknown}: neither a field of the training, model or script arguments nor "
+            "an `accelerate launch` flag (`gvpo-trl train --help` lists the fields, `accelerate launch --help` the "
+            "others)."
+        )
     os.environ[LAUNCHED] = "1"  # the launched processes inherit it: they train instead of launching again
     launch_command(launch_command_parser().parse_args([*launcher, "-m", "gvpo_trl", "train", *training]))
 

@@ -96,6 +96,11 @@ def test_solution_reward():
     assert cli.solution_reward(completions=completions, solution=solutions) == [1.0, 1.0, 0.0, 1.0, 0.0]
 
 
+def test_a_flag_neither_field_nor_launcher_flag_is_refused_before_launching():
+    with pytest.raises(SystemExit, match=r"unknown flags \['--learnin_rate'\]: neither a field"):
+        cli.main(["train", "--config", str(ROOT / "recipes/toy/gvpo.yaml"), "--learnin_rate", "1e-3"])
+
+
 def test_every_algorithm_has_a_recipe_per_setting():
     assert sorted((r.parent.name, r.stem) for r in RECIPES) == sorted(
         (setting, algorithm) for setting in ("toy", "SmolLM2-135M-Instruct", "Qwen2.5-1.5B-Instruct")
