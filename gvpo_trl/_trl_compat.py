@@ -45,12 +45,16 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
     # called via super(); returns rewards of shape (global batch, num reward funcs), gathered over processes in process
     # order; the mixed buffer also calls it on a subset of rows
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    # called via super(); returns (prompt_ids, images, multimodal_fields): the prompt lengths are checked against the
+    # model's positions, and the per-row images of a batch mixing image and text-only prompts get [] for None
+    "_tokenize_prompts": ("self", "prompts"),
     # called via super(); shuffles and splits the generation batch into ``self._buffered_inputs``, which we regroup
     "_prepare_inputs": ("self", "generation_batch"),
     # replaced: the loss seam that ``compute_loss`` calls
     "_compute_loss": ("self", "model", "inputs"),
-    # called: per-token log-probs of the completion tokens, the MoE router loss (compute_aux_loss) and, by keyword, the
-    # multimodal inputs of MULTIMODAL_FORWARD_KEYS
+    # called, and overridden: per-token log-probs of the completion tokens, the MoE router loss (compute_aux_loss) and,
+    # by keyword, the multimodal inputs of MULTIMODAL_FORWARD_KEYS; a batch mixing image and text-only rows is passed
+    # on chunk by chunk (gvpo_trl.image_chunks). Returns (logps, entropies or None, aux loss or None)
     "_get_per_token_logps_and_entropies": (
         "self",
         "model",
@@ -119,7 +123,7 @@ GRPO_ATTRIBUTES = (
     "aux_loss_enabled",  # MoE: whether the loss adds router_aux_loss_coef × the router load-balancing loss
     "router_aux_loss_coef",  # the config's value, or the architecture's own when the config leaves it None
     "tools",  # the mixed buffer refuses tool use, rollout functions and environments
-    "rollout_func",
+    "rollout_func",  # wrapped at construction: its completions are checked before TRL decodes them
     "environment_factories",
     "processing_class",
     "train_dataset",
