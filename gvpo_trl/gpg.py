@@ -219,6 +219,8 @@ class GPGTrainer(GroupTrainer):
         metrics = {}
         weights = None
         old, off_policy = behaviour_logps(inputs, per_token_logps)
+        # one decision for all processes (the metric below gathers): one may hold reused or carried rows, another not
+        off_policy = self.accelerator.reduce(torch.tensor([float(off_policy)], device=old.device), "sum").item() > 0
         if off_policy:  # TRL computes old_per_token_logps only when rows may be off-policy; or mixed-buffer rows
             weights = truncated_sequence_importance_weight(per_token_logps, old, mask, self.args.importance_weight_cap)
             metrics["gpg/importance_weight_mean"] = self.gather_rows(weights).mean().item()
