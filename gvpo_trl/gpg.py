@@ -20,6 +20,7 @@ from ._trl_compat import GRPO_LOSS_FIELDS, refuse_unused_grpo_fields
 from .columns import ADVANTAGES, GROUP_ID, REWARDS, behaviour_logps
 from .config import GroupConfig
 from .groups import group_centred, group_std, sequence_sum, zero_variance_groups
+from .model_card import PAPERS, tag_names
 from .trainer import GroupTrainer
 
 # --- math (pure functions) ---
@@ -197,6 +198,7 @@ class GPGTrainer(GroupTrainer):
 
     config_class = GPGConfig
     metric_prefix = "gpg"
+    _name, _paper, _tag_names = "GPG", PAPERS["gpg"], tag_names("gpg")  # the model card
     needs_behaviour_logps = True  # mixed buffer: a reused member is weighted against its stored log-probs
 
     def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:

@@ -38,12 +38,13 @@ from .config import GroupConfig
 from .dynamic_sampling import DynamicSampling, dynamic_sampling_enabled
 from .groups import aggregate_rewards, count_groups, group_sizes, zero_variance_groups
 from .guards import NonFiniteGuards
+from .model_card import ModelCardMixin
 from .rows import regroup_batches
 from .sampler import EpochSeededSampler
 from .validation import check_dataset, check_prompts, check_reward_models, checked_reward_function
 
 
-class GroupTrainer(NonFiniteGuards, BufferMixin, GRPOTrainer):
+class GroupTrainer(ModelCardMixin, NonFiniteGuards, BufferMixin, GRPOTrainer):
     """Base of ``GVPOTrainer``, ``GPGTrainer`` and ``GSPOTrainer``. Subclasses set ``config_class`` and implement
     ``compute_advantages`` and ``group_loss``; ``metric_prefix`` names their metrics in the logs."""
 
