@@ -378,6 +378,8 @@ def test_accelerate_configs_are_valid():
         "cpu_ddp_2proc.yaml": ("MULTI_GPU", 2),
         "cpu_zero2_2proc.yaml": ("DEEPSPEED", 2),
         "cpu_zero3_2proc.yaml": ("DEEPSPEED", 2),
+        "multi_node_zero3.yaml": ("DEEPSPEED", 16),  # 2 nodes × 8 (tests/test_multi_node.py)
+        "cpu_multi_node_2x1.yaml": ("DEEPSPEED", 2),  # its CPU twin: 2 nodes × 1 on 127.0.0.1
     }
     found = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
     assert found == sorted(expected), found
