@@ -390,7 +390,7 @@ def test_accelerate_configs_are_valid():
             continue
         path = REPO / config.deepspeed_config["deepspeed_config_file"]
         ds = json.loads(path.read_text())
-        stage = 3 if "zero3" in name else 2
+        stage = 3 if "zero3" in path.name else 2
         assert ds["zero_optimization"]["stage"] == stage, name
         if stage == 3:
             assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
