@@ -290,7 +290,9 @@ class DynamicSampling:
         chosen = choose_groups(rounds, local_groups)
         self._keep_surplus(rounds, fresh, chosen, local_groups)
         self._log(rounds, fresh, chosen, kept, generated - batch_groups, batch_groups, carried is not None)
-        if len(rounds) == 1:
+        # one decision for all processes (the token count below gathers): carried groups may sit on one process only
+        joined = torch.tensor([float(len(rounds) > 1)], device=trainer.accelerator.device)
+        if trainer.accelerator.reduce(joined, reduction="sum").item() == 0:
             return first
         if carried is not None:  # the other rounds get the off-policy columns too, unflagged, to stack with them
             rounds = [rnd if i == 1 else GenerationRound(with_off_policy_columns(rnd.output, False), rnd.valid,
