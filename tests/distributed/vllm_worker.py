@@ -82,8 +82,9 @@ def instrument(trainer, rec: dict) -> None:
 
     def recorded_generate(prompts, images, num_generations, profiler=None):
         out = generate(prompts, images, num_generations, profiler)
+        tokens = sum(len(c) for c in out[1])
         rec["generations"].append({"step": trainer.state.global_step, "num_prompts": len(prompts),
-                                   "num_generations": num_generations, "tokens": sum(len(c) for c in out[1])})  # fmt: skip
+                                   "num_generations": num_generations, "tokens": tokens})  # fmt: skip
         return out
 
     generation.sync_weights, generation.generate = recorded_sync, recorded_generate
@@ -113,7 +114,7 @@ def recording(cls):
             entry = {"step": self.state.global_step, "loss": loss.item()}
             if "group_id" in inputs:
                 entry["group_ids"] = inputs["group_id"].tolist()
-            if "importance_sampling_ratio" in inputs and self.model.training:
+            if "importance_sampling_ratio" in inputs and "group_id" in inputs and self.model.training:
                 metrics = {k: list(v) for k, v in self._metrics["train"].items()}
                 with torch.no_grad():
                     plain = {k: v for k, v in inputs.items() if k != "importance_sampling_ratio"}

@@ -36,11 +36,16 @@ class StandInServer:
         return {
             ("GET", "/health"): lambda body: {},
             ("GET", "/v1/models"): lambda body: {"object": "list", "data": [{"id": self.model_name}]},
-            ("GET", "/server_info"): lambda body: {"vllm_config": {
-                "model_config": {"model": self.model_name, "logprobs_mode": "processed_logprobs",
-                                 "max_model_len": self.engine.max_model_len},
-                "weight_transfer_config": {"backend": "gloo (tests' stand-in for nccl)"},
-            }},  # fmt: skip
+            ("GET", "/server_info"): lambda body: {
+                "vllm_config": {
+                    "model_config": {
+                        "model": self.model_name,
+                        "logprobs_mode": "processed_logprobs",
+                        "max_model_len": self.engine.max_model_len,
+                    },
+                    "weight_transfer_config": {"backend": "gloo (tests' stand-in for nccl)"},
+                }
+            },  # fmt: skip
             ("GET", "/get_world_size"): lambda body: {"world_size": 1},
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/init_weight_transfer_engine"): self.init_weight_transfer,
@@ -49,8 +54,10 @@ class StandInServer:
             ("POST", "/finish_weight_update"): lambda body: {},
             ("POST", "/reset_prefix_cache"): lambda body: {"success": True},
             ("GET", "/standin/stats"): lambda body: {
-                "generated_tokens": self.engine.generated_tokens, "weight_updates": self.weight_updates,
-                "requests": self.requests, "tensors_loaded": self.engine.weight_loads,
+                "generated_tokens": self.engine.generated_tokens,
+                "weight_updates": self.weight_updates,
+                "requests": self.requests,
+                "tensors_loaded": self.engine.weight_loads,
             },  # fmt: skip
             ("GET", "/standin/weights"): self.weights,
         }

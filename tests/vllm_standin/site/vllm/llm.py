@@ -43,20 +43,7 @@ class LLM:
                 raise NotImplementedError("the vLLM stand-in does not take images")
             ids = list(prompt["prompt_token_ids"])
             sequences = self.engine.generate(ids, params)
-            completions = [
-                CompletionOutput(
-                    index=i,
-                    text="",
-                    token_ids=seq.token_ids,
-                    cumulative_logprob=None if seq.logprobs is None else sum(p[t][0] for p, t in
-                                                                             zip(seq.logprobs, seq.token_ids)),
-                    logprobs=None if seq.logprobs is None else [
-                        {tok: Logprob(lp, rank) for tok, (lp, rank) in position.items()} for position in seq.logprobs
-                    ],
-                    finish_reason=seq.finish_reason,
-                )
-                for i, seq in enumerate(sequences)
-            ]  # fmt: skip
+            completions = [_completion(i, seq) for i, seq in enumerate(sequences)]
             outputs.append(RequestOutput(uuid.uuid4().hex, None, ids, completions))
         return outputs
 
@@ -71,3 +58,11 @@ class LLM:
 
     def wake_up(self, tags=None) -> None:
         pass
+
+
+def _completion(index: int, seq) -> CompletionOutput:
+    logprobs = cumulative = None
+    if seq.logprobs is not None:
+        logprobs = [{tok: Logprob(lp, rank) for tok, (lp, rank) in pos.items()} for pos in seq.logprobs]
+        cumulative = sum(pos[t][0] for pos, t in zip(seq.logprobs, seq.token_ids, strict=True))
+    return CompletionOutput(index, "", seq.token_ids, cumulative, logprobs, seq.finish_reason)
