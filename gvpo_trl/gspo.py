@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from .base import GroupConfig, GroupTrainer
-from .columns import behaviour_logps
-from .groups import group_centered, group_std, sequence_mean, zero_variance_groups
+from .columns import ADVANTAGES, behaviour_logps
+from .config import GroupConfig
+from .groups import group_centred, group_std, sequence_mean, zero_variance_groups
+from .trainer import GroupTrainer
 
 # --- math (pure functions) ---
 
@@ -30,7 +31,7 @@ LOG_RATIO_BOUND = 20.0
 
 def gspo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """``Â_i = (R_i − R̄) / (std + eps)``, group ``nanmean`` and unbiased ``nanstd`` (as TRL); NaN → 0. ``(B,)``."""
-    return torch.nan_to_num(group_centered(rewards, group_ids) / (group_std(rewards, group_ids) + eps), nan=0.0)
+    return torch.nan_to_num(group_centred(rewards, group_ids) / (group_std(rewards, group_ids) + eps), nan=0.0)
 
 
 def sequence_log_ratio(
@@ -66,61 +67,68 @@ def gspo_loss(
     epsilon_high: float = 4e-4,
     bound: float = LOG_RATIO_BOUND,
     per_token_weights: torch.Tensor | None = None,
+    token_level: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``−(1/B) Σ_i min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i)``, a mean over the ``B`` sequences given.
+    """GSPO (§4.1): ``−(1/B) Σ_i min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i)``, a mean over the ``B`` sequences;
+    with ``token_level``, GSPO-token (§4.3).
 
-    ``advantages`` is ``(B,)``. As in TRL, an empty completion contributes 0 but still counts in ``B``.
-    ``per_token_weights`` (optional, detached, ``(B, T)`` or ``(B, 1)``; TRL's vLLM ``importance_sampling_ratio``)
-    multiplies each sequence's term by the sequence mean of its weights, as TRL does before its sequence mean.
-    ``stats`` (all detached, per sequence, shape ``(B,)``): ``ratio`` = s_i, ``is_low_clipped`` = s_i < 1−ε_low and
-    Â_i < 0, ``is_high_clipped`` = s_i > 1+ε_high and Â_i > 0 (TRL's definitions).
+    Both are computed in GSPO-token's form: ``s_i,t = sg(s_i) · π_θ(y_i,t) / sg(π_θ(y_i,t))`` equals ``s_i`` in value,
+    and its gradient ``s_i ∇log π_θ(y_i,t)`` averaged over the sequence's tokens is the gradient of ``s_i``; so for a
+    per-sequence advantage, the token mean of the per-token terms is GSPO's per-sequence term, in value and gradient
+    (also where the log-ratio bound is hit: no gradient there in either). An empty completion contributes 0 but still
+    counts in ``B`` (as TRL).
+
+    ``advantages``: ``(B,)``, or per token ``(B, T)`` with ``token_level``. ``per_token_weights`` (optional, detached,
+    ``(B, T)`` or ``(B, 1)``; TRL's vLLM ``importance_sampling_ratio``) multiplies each token's term (for GSPO: each
+    sequence's term by the sequence mean of its weights, as TRL does). ``stats`` (detached): ``ratio`` = s_i ``(B,)``;
+    ``is_low_clipped`` (s_i < 1−ε_low and Â < 0) and ``is_high_clipped`` (s_i > 1+ε_high and Â > 0), TRL's
+    definitions, per sequence ``(B,)`` for GSPO and per token ``(B, T)`` (False on padding) for GSPO-token.
     """
-    if advantages.dim() != 1:
+    if not token_level and advantages.dim() != 1:
         raise ValueError(f"gspo_loss takes per-sequence advantages (B,), got shape {tuple(advantages.shape)}")
-    ratio = torch.exp(sequence_log_ratio(per_token_logps, old_per_token_logps, mask, bound))
-    per_seq, is_low, is_high = _clipped_objective(ratio, advantages, epsilon_low, epsilon_high)
-    nonempty = (mask.sum(-1) > 0).to(per_seq.dtype)
-    if per_token_weights is not None:
-        nonempty = nonempty * sequence_mean(per_token_weights.detach().to(per_seq.dtype).expand_as(mask), mask)
-    loss = (per_seq * nonempty).mean()
-    stats = {"ratio": ratio.detach(), "is_low_clipped": is_low, "is_high_clipped": is_high}
-    return loss, stats
-
-
-def gspo_token_loss(
-    per_token_logps: torch.Tensor,
-    old_per_token_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    epsilon_low: float = 3e-4,
-    epsilon_high: float = 4e-4,
-    bound: float = LOG_RATIO_BOUND,
-    per_token_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GSPO-token (§4.3): ``s_i,t = sg(s_i) · π_θ(y_i,t) / sg(π_θ(y_i,t))``, same clip, seq-mean-token-mean.
-
-    ``advantages`` is ``(B,)`` or per token ``(B, T)``. ``s_i,t`` equals ``s_i`` in value and its gradient is
-    ``s_i ∇log π_θ(y_i,t)``, so with a per-sequence advantage value and gradient equal :func:`gspo_loss` (also where
-    the log-ratio bound is hit: no gradient there in either).
-    ``per_token_weights``: as in :func:`gspo_loss` (each token's term is multiplied by its weight).
-    ``stats``: ``ratio`` = s_i ``(B,)``; ``is_low_clipped`` / ``is_high_clipped`` per token ``(B, T)``, False on pads.
-    """
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(1)
-    raw = sequence_mean(per_token_logps - old_per_token_logps, mask).detach()
+    per_token_advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    raw = sequence_mean(per_token_logps - old_per_token_logps, mask)
     log_s = raw.clamp(min=-bound, max=bound)
     # log s_i,t = sg(log s_i) + log π_θ − sg(log π_θ); padding may hold anything, so zero it before the exp. Where the
-    # bound is hit, GSPO's s_i has no gradient (clamp), so the live term is switched off there too to stay equal.
-    inside = ((raw >= -bound) & (raw <= bound)).to(per_token_logps.dtype).unsqueeze(1)
+    # bound is hit, s_i has no gradient (clamp), so the live term is switched off there too.
+    inside = ((raw.detach() >= -bound) & (raw.detach() <= bound)).to(per_token_logps.dtype).unsqueeze(1)
     live = torch.where(mask.bool(), per_token_logps, torch.zeros_like(per_token_logps))
-    ratio = torch.exp(log_s.unsqueeze(1) + inside * (live - live.detach()))
-    per_token, is_low, is_high = _clipped_objective(ratio, advantages, epsilon_low, epsilon_high)
+    ratio = torch.exp(log_s.detach().unsqueeze(1) + inside * (live - live.detach()))
+    per_token, is_low, is_high = _clipped_objective(ratio, per_token_advantages, epsilon_low, epsilon_high)
     if per_token_weights is not None:
         per_token = per_token * per_token_weights.detach().to(per_token.dtype)
     loss = sequence_mean(per_token, mask).mean()
     on = mask.bool()
-    stats = {"ratio": torch.exp(log_s), "is_low_clipped": is_low & on, "is_high_clipped": is_high & on}
-    return loss, stats
+    is_low, is_high = is_low & on, is_high & on
+    if not token_level:  # one ratio and one advantage per sequence: its tokens agree
+        is_low, is_high = is_low.any(dim=1), is_high.any(dim=1)
+    return loss, {"ratio": torch.exp(log_s.detach()), "is_low_clipped": is_low, "is_high_clipped": is_high}
+
+
+def gspo_kl(
+    per_token_logps: torch.Tensor,
+    ref_per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    bias_correction: bool,
+) -> torch.Tensor:
+    """The mean over sequences of the sequence mean of TRL's k3 estimate ``exp(ref − logπ) − (ref − logπ) − 1``,
+    times the differentiable ``s_i`` under TRL's ``use_bias_correction_kl``; a scalar (added as ``beta × kl``)."""
+    diff = ref_per_token_logps - per_token_logps
+    per_token_kl = torch.exp(diff) - diff - 1
+    if bias_correction:
+        per_token_kl = per_token_kl * torch.exp(
+            sequence_log_ratio(per_token_logps, old_per_token_logps, mask)
+        ).unsqueeze(1)
+    return sequence_mean(per_token_kl, mask).mean()
+
+
+def clip_counts(stats: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """``[low, high, low + high, total]`` clipped counts of :func:`gspo_loss`'s ``stats``: of sequences (GSPO, as TRL
+    counts them) or of completion tokens (GSPO-token); sum them over processes, then divide by the total."""
+    low, high = stats["is_low_clipped"].float(), stats["is_high_clipped"].float()
+    weight = mask.float() if low.dim() == 2 else torch.ones_like(low)
+    return torch.stack([(low * weight).sum(), (high * weight).sum(), ((low + high) * weight).sum(), weight.sum()])
 
 
 # --- configuration -------------------------------------------------------------------------------------------------
@@ -226,34 +234,24 @@ class GSPOTrainer(GroupTrainer):
         self, inputs: dict[str, Any], per_token_logps: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         old, _ = behaviour_logps(inputs, per_token_logps)
-        loss_fn = gspo_token_loss if self.args.gspo_token else gspo_loss
-        loss, stats = loss_fn(
+        loss, stats = gspo_loss(
             per_token_logps,
             old,
-            inputs["advantages"].to(per_token_logps.dtype),
+            inputs[ADVANTAGES].to(per_token_logps.dtype),
             mask,
             epsilon_low=self.args.epsilon,
             epsilon_high=self.args.epsilon_high,
             per_token_weights=inputs.get("importance_sampling_ratio"),  # TRL's vLLM sampling correction
+            token_level=self.args.gspo_token,
         )
         metrics = {}
         if self.args.beta != 0:
             ref = inputs["ref_per_token_logps"].to(per_token_logps.dtype)
-            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
-            if self.args.use_bias_correction_kl:  # TRL's default: weighted by the (differentiable) s_i
-                per_token_kl = per_token_kl * torch.exp(sequence_log_ratio(per_token_logps, old, mask)).unsqueeze(1)
-            kl = sequence_mean(per_token_kl, mask).mean()
+            kl = gspo_kl(per_token_logps, ref, old, mask, self.args.use_bias_correction_kl)
             loss = loss + self.args.beta * kl
             metrics["gspo/kl"] = self.gather_rows(kl).mean().item()
-
         ratios = self.gather_rows(stats["ratio"])
-        low, high = stats["is_low_clipped"].float(), stats["is_high_clipped"].float()
-        if low.dim() == 2:  # per token (GSPO-token): fractions of completion tokens
-            weight = mask.float()
-        else:  # per sequence, as TRL counts them
-            weight = torch.ones_like(low)
-        counts = torch.stack([(low * weight).sum(), (high * weight).sum(), ((low + high) * weight).sum(), weight.sum()])
-        counts = self.accelerator.reduce(counts, reduction="sum")
+        counts = self.accelerator.reduce(clip_counts(stats, mask), reduction="sum")
         total = counts[3].clamp(min=1)
         metrics.update(
             {

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from .base import GroupConfig, GroupTrainer
-from .columns import ADVANTAGES, GROUP_ID
-from .groups import count_groups, group_centered, group_mean, group_sizes, sequence_sum
+from .columns import GROUP_ID, REWARDS
+from .config import GroupConfig
+from .groups import count_groups, group_centred, group_mean, group_sizes, sequence_sum
+from .trainer import GroupTrainer
 
 # --- math (pure functions) ---------------------------------------------------------------------------------------
 
@@ -61,10 +62,23 @@ def gvpo_group_statistics(
     Δ̄ of each row's group, its size, and the number of groups."""
     delta = (seq_logps - ref_seq_logps).detach()
     return {
-        "centred_rewards": group_centered(rewards, group_ids),
+        "centred_rewards": group_centred(rewards, group_ids),
         "delta_group_mean": group_mean(delta, group_ids),
         "group_size": group_sizes(group_ids),
         "num_groups": count_groups(group_ids),
+    }
+
+
+def gvpo_metrics(delta: torch.Tensor, statistics: dict[str, Any], beta: float) -> dict[str, float]:
+    """Logged diagnostics over all rows, from their Δ and :func:`gvpo_group_statistics`: ``gvpo/mse`` (mean of
+    ``[β(Δ_i − Δ̄) − (R_i − R̄)]²``), the mean and std of Δ, and the groups of fewer than 2 members."""
+    error = beta * (delta - statistics["delta_group_mean"]) - statistics["centred_rewards"]
+    small = statistics["group_size"] < 2
+    return {
+        "gvpo/mse": (error**2).mean().item(),
+        "gvpo/delta_mean": delta.mean().item(),
+        "gvpo/delta_std": delta.std().item() if delta.numel() > 1 else 0.0,
+        "gvpo/skipped_groups": float(small.sum().item()),  # a group of fewer than 2 has one row
     }
 
 
@@ -73,7 +87,7 @@ def gvpo_weights(
 ) -> torch.Tensor:
     """``w_i = (R_i − R̄) − β (Δ_i − Δ̄)`` (detached), the per-sequence weight of the policy gradient."""
     delta = (seq_logps - ref_seq_logps).detach()
-    return group_centered(rewards, group_ids) - beta * (delta - group_mean(delta, group_ids))
+    return group_centred(rewards, group_ids) - beta * (delta - group_mean(delta, group_ids))
 
 
 def gvpo_weight_loss(
@@ -171,7 +185,7 @@ class GVPOTrainer(GroupTrainer):
     metric_prefix = "gvpo"
 
     def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-        return group_centered(rewards, group_ids)
+        return group_centred(rewards, group_ids)
 
     def group_loss(
         self, inputs: dict[str, Any], per_token_logps: torch.Tensor, mask: torch.Tensor
@@ -183,29 +197,19 @@ class GVPOTrainer(GroupTrainer):
         reference = inputs.get(key)
         ref_seq_logps = seq_logps.detach() if reference is None else sequence_sum(reference.float(), mask)
 
-        delta = (seq_logps - ref_seq_logps).detach()
-        all_delta = self.gather_rows(delta)
-        all_ids, num_groups = self.micro_step_groups(inputs[GROUP_ID], self.group_size)
-        local = self._local_slice(delta.numel())
-        sizes = group_sizes(all_ids)
-        delta_group_mean = group_mean(all_delta, all_ids)[local]
-        centred_rewards = inputs[ADVANTAGES]  # R_i − R̄ over the whole group (compute_advantages)
-        # Each process holds its share of the micro-step's groups; DDP averages gradients over processes.
+        # the micro-step's groups are whole over all processes: their statistics are computed on every row
+        all_ids, _ = self.micro_step_groups(inputs[GROUP_ID], self.group_size)
+        all_seq, all_ref = self.gather_rows(seq_logps), self.gather_rows(ref_seq_logps)
+        stats = gvpo_group_statistics(all_seq, all_ref, self.gather_rows(inputs[REWARDS]), all_ids)
+        local = self._local_slice(seq_logps.numel())
+        # each process holds its share of the micro-step's groups; DDP averages gradients over processes
         loss = gvpo_loss(
             seq_logps,
             ref_seq_logps,
-            centred_rewards,
-            delta_group_mean,
-            sizes[local],
+            stats["centred_rewards"][local],
+            stats["delta_group_mean"][local],
+            stats["group_size"][local],
             beta,
-            num_groups / self.accelerator.num_processes,
+            stats["num_groups"] / self.accelerator.num_processes,
         )
-
-        error = beta * (delta - delta_group_mean) - centred_rewards
-        all_error = self.gather_rows(error)
-        return loss, {
-            "gvpo/mse": (all_error**2).mean().item(),
-            "gvpo/delta_mean": all_delta.mean().item(),
-            "gvpo/delta_std": all_delta.std().item() if all_delta.numel() > 1 else 0.0,
-            "gvpo/skipped_groups": float(torch.unique(all_ids[sizes < 2]).numel()),
-        }
+        return loss, gvpo_metrics(all_seq - all_ref, stats, beta)

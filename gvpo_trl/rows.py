@@ -76,6 +76,13 @@ def check_per_row(batch: dict[str, Any], num_rows: int) -> None:
             )
 
 
+def loss_token_count(batch: dict[str, Any]) -> torch.Tensor:
+    """This process's tokens in the loss: ``Σ completion_mask × tool_mask`` (TRL's ``num_items_in_batch`` is its sum
+    over processes)."""
+    mask = batch["completion_mask"]
+    return (mask * batch["tool_mask"] if "tool_mask" in batch else mask).sum()
+
+
 def take_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
     """The rows ``index`` of every per-row entry of ``batch``; 0-D tensors and other values are kept as they are."""
     out = {}

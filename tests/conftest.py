@@ -2,7 +2,8 @@
 
 Multi-process tests (``tests/test_distributed.py``) use:
 
-- ``toy_model_dir``: the tiny offline Llama of ``gvpo_trl.toy`` (``helpers.tiny_model_path``, the one toy-model source).
+- ``toy_model_dir``: the tiny offline Llama of ``gvpo_trl.demo.toy`` (``helpers.tiny_model_path``, the one toy-model
+  source).
 - ``torch_extensions_dir``: ONE cache directory for DeepSpeed's JIT-compiled C++ op (``deepspeed_shm_comm``, ~30 s
   to build on 2 cores), shared by every launched process, and the op built in it once before the first DeepSpeed
   launch. Honours ``$TORCH_EXTENSIONS_DIR`` when set (CI can point it at a cached path); otherwise it lives in

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import tempfile
 
+import torch
+
 from gvpo_trl import TRAINERS
-from gvpo_trl.toy import build_dataset, build_tiny_model, repeat_letter_reward
+from gvpo_trl.demo.toy import build_dataset, build_tiny_model, repeat_letter_reward
 
 _MODEL_DIR = os.path.join(tempfile.gettempdir(), "gvpo_trl_tests", "tiny-llama")
 
@@ -65,3 +67,14 @@ def flaky_reward(prompts, completions, **kwargs):
         else:
             out.append(repeat_letter_reward([p], [c])[0])
     return out
+
+
+def filled_buffer(steps_per_key: dict[str, list[int]], capacity: int = 1000):
+    """A buffer with one sample per listed step of each prompt key (uids in insertion order)."""
+    from gvpo_trl.buffer import SampleBuffer
+
+    buf = SampleBuffer(capacity)
+    for key, steps in steps_per_key.items():
+        for i, step in enumerate(steps):
+            buf.add(key, [i + 5, 2], f"{key}{i}", [float(i)], torch.tensor([-1.0, -0.5]), step)
+    return buf

@@ -8,7 +8,7 @@ import torch
 from trl import GRPOConfig
 
 from gvpo_trl import TRAINERS
-from gvpo_trl.toy import repeat_letter_reward
+from gvpo_trl.demo.toy import repeat_letter_reward
 
 from .helpers import flaky_reward, make_trainer, tiny_model_path
 
@@ -99,7 +99,9 @@ def test_degenerate_batches_train_without_nan_and_show_in_metrics(tmp_path, algo
     assert max(h["groups/zero_variance_frac"] for h in generation_logs) >= 0.5
     assert max(h["groups/unscorable_frac"] for h in generation_logs) > 0
     if algorithm == "gpg":
-        assert max(h["gpg/resample_rounds"] for h in generation_logs) <= 2
-        assert min(h["gpg/batch_valid_fraction"] for h in generation_logs) < 0.6  # trained on what there was
+        assert max(h["dynamic_sampling/rounds"] for h in generation_logs) <= 2
+        assert (
+            min(h["dynamic_sampling/batch_valid_fraction"] for h in generation_logs) < 0.6
+        )  # trained on what there was
     for p in trainer.model.parameters():
         assert torch.isfinite(p).all()

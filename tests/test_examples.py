@@ -25,7 +25,7 @@ def run_script(toy_model_dir, output_dir, *flags, timeout=900):
     """Run ``python examples/train.py`` as a user would (offline, toy model in a temporary folder)."""
     env = {
         **os.environ,
-        "GVPO_TRL_TOY_DIR": str(Path(toy_model_dir).parent),
+        "GVPO_TRL_CACHE": str(Path(toy_model_dir).parent),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -134,7 +134,7 @@ def test_solution_reward():
 def test_notebook_runs(toy_model_dir, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("GVPO_TRL_TOY_DIR", str(Path(toy_model_dir).parent))
+    monkeypatch.setenv("GVPO_TRL_CACHE", str(Path(toy_model_dir).parent))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     notebook = nbformat.read(NOTEBOOK, as_version=4)

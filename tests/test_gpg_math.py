@@ -30,7 +30,7 @@ def test_advantages_fnorm_one():
     torch.testing.assert_close(gpg_advantages(REWARDS, IDS), expected, rtol=0, atol=1e-15)
 
 
-def test_advantages_std_normalized():
+def test_advantages_std_normalised():
     # group 0: squared deviations 0.5625 + 3·0.0625 = 0.75, unbiased var 0.75/3 = 0.25, std 0.5 → F_norm 0.5001
     # group 7: squared deviations 1 + 1 = 2, unbiased var 2/1 = 2, std √2 → F_norm √2 + 1e-4 = 1.4143135623730951
     f0, f7 = 0.5001, 1.4143135623730951
@@ -38,34 +38,34 @@ def test_advantages_std_normalized():
     # 0.75/0.5001 = 1.49970005998800..., 1/1.41431356... = 0.70705678...
     assert expected[0].item() == pytest.approx(1.4997000599880024, rel=1e-12)
     assert expected[1].item() == pytest.approx(0.7070567847, rel=1e-9)
-    torch.testing.assert_close(gpg_advantages(REWARDS, IDS, std_normalize=True), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gpg_advantages(REWARDS, IDS, std_normalise=True), expected, rtol=1e-12, atol=0)
 
 
 def test_advantages_custom_eps():
     # group 7 alone with eps = 1: F_norm = √2 + 1 = 2.414213562373095 → ±0.41421356237309503
-    adv = gpg_advantages(t([3.0, 1.0]), torch.tensor([7, 7]), std_normalize=True, eps=1.0)
+    adv = gpg_advantages(t([3.0, 1.0]), torch.tensor([7, 7]), std_normalise=True, eps=1.0)
     torch.testing.assert_close(adv, t([0.41421356237309503, -0.41421356237309503]), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("std_normalize", [False, True])
-def test_advantages_nan_reward(std_normalize):
+@pytest.mark.parametrize("std_normalise", [False, True])
+def test_advantages_nan_reward(std_normalise):
     # group 0 = [1, NaN, 0]: nanmean over {1, 0} = 0.5 → [0.5, 0 (NaN row), −0.5]; std of {1, 0} = √0.5 = 0.70710678
     # group 1 = [NaN, NaN]: no valid reward → both 0
-    adv = gpg_advantages(t([1.0, NAN, 0.0, NAN, NAN]), torch.tensor([0, 0, 0, 1, 1]), std_normalize=std_normalize)
-    f = (0.7071067811865476 + 1e-4) if std_normalize else 1.0
+    adv = gpg_advantages(t([1.0, NAN, 0.0, NAN, NAN]), torch.tensor([0, 0, 0, 1, 1]), std_normalise=std_normalise)
+    f = (0.7071067811865476 + 1e-4) if std_normalise else 1.0
     torch.testing.assert_close(adv, t([0.5 / f, 0.0, -0.5 / f, 0.0, 0.0]), rtol=1e-12, atol=0)
     assert not torch.isnan(adv).any()
 
 
-@pytest.mark.parametrize("std_normalize", [False, True])
-def test_advantages_zero_variance_groups_exactly_zero(std_normalize):
+@pytest.mark.parametrize("std_normalise", [False, True])
+def test_advantages_zero_variance_groups_exactly_zero(std_normalise):
     # [0.1, 0.1, 0.1]: the float mean is 0.10000000000000002, so a naive (R − R̄)/(0 + 1e-4) gives −1.4e-13, not 0.
     # [2, 2] (constant) and [5] (single member) are zero-variance too; [0, 1] is not: ±0.5 (÷ (√0.5 + 1e-4) with std).
     rewards = t([0.1, 0.1, 0.1, 2.0, 2.0, 5.0, 0.0, 1.0])
     ids = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3])
-    adv = gpg_advantages(rewards, ids, std_normalize=std_normalize)
+    adv = gpg_advantages(rewards, ids, std_normalise=std_normalise)
     assert torch.equal(adv[:6], torch.zeros(6, dtype=D))
-    f = (0.7071067811865476 + 1e-4) if std_normalize else 1.0
+    f = (0.7071067811865476 + 1e-4) if std_normalise else 1.0
     torch.testing.assert_close(adv[6:], t([-0.5 / f, 0.5 / f]), rtol=1e-12, atol=0)
 
 
@@ -115,13 +115,13 @@ def test_loss_value_by_hand():
     assert loss.item() == pytest.approx(-0.6, abs=1e-15)
 
 
-def test_loss_with_importance_weights_and_normalizer():
+def test_loss_with_importance_weights_and_normaliser():
     w = t([2.0, 0.5])
     # row 0: 1.5·2 = 3; row 1: −3·0.5 = −1.5 → 1.5 / 5 · 2 = 0.6
     assert gpg_loss(t(LOGPS), ADV, MASK, alpha=2.0, importance_weights=w).item() == pytest.approx(0.6, abs=1e-15)
-    # global normalizer 10 instead of the local 5: −1.5 / 10 · 2 = −0.3
-    assert gpg_loss(t(LOGPS), ADV, MASK, alpha=2.0, token_normalizer=10).item() == pytest.approx(-0.3, abs=1e-15)
-    assert gpg_loss(t(LOGPS), ADV, MASK, 2.0, token_normalizer=t(10.0)).item() == pytest.approx(-0.3, abs=1e-15)
+    # global normaliser 10 instead of the local 5: −1.5 / 10 · 2 = −0.3
+    assert gpg_loss(t(LOGPS), ADV, MASK, alpha=2.0, token_normaliser=10).item() == pytest.approx(-0.3, abs=1e-15)
+    assert gpg_loss(t(LOGPS), ADV, MASK, 2.0, token_normaliser=t(10.0)).item() == pytest.approx(-0.3, abs=1e-15)
 
 
 def test_loss_gradient_per_token():
@@ -134,9 +134,9 @@ def test_loss_gradient_per_token():
     assert w.grad is None  # the importance weight is detached
 
 
-def test_loss_gradient_with_token_normalizer():
+def test_loss_gradient_with_token_normaliser():
     logps = t(LOGPS).requires_grad_(True)
-    gpg_loss(logps, ADV, MASK, alpha=3.0, token_normalizer=12.0).backward()
+    gpg_loss(logps, ADV, MASK, alpha=3.0, token_normaliser=12.0).backward()
     # −α·Â/12: row 0 = −3·0.5/12 = −0.125; row 1 = −3·(−1)/12 = 0.25
     torch.testing.assert_close(logps.grad, t([[-0.125, -0.125, 0.0], [0.25, 0.25, 0.25]]), rtol=0, atol=1e-15)
 
@@ -148,7 +148,7 @@ def test_loss_empty_completions():
     loss.backward()
     assert loss.item() == 0.0
     assert torch.equal(logps.grad, torch.zeros(2, 2, dtype=D))
-    assert gpg_loss(t([[-1.0]]), t([1.0]), t([[0]]), alpha=1.0, token_normalizer=0).item() == 0.0
+    assert gpg_loss(t([[-1.0]]), t([1.0]), t([[0]]), alpha=1.0, token_normaliser=0).item() == 0.0
     # one empty row among others: it adds neither loss nor tokens. Row 1: −(−2)·1 = 2 over 1 token, α = 1 → 2
     logps = t([[-5.0, -5.0], [-2.0, -INF]]).requires_grad_(True)
     loss = gpg_loss(logps, t([3.0, 1.0]), t([[0, 0], [1, 0]]), alpha=1.0)

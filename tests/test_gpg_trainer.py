@@ -11,10 +11,9 @@ import torch
 from datasets import Dataset, IterableDataset
 
 from gvpo_trl import GPGConfig
+from gvpo_trl.demo.toy import LETTERS, build_dataset
 from gvpo_trl.gpg import gpg_advantages
 from gvpo_trl.groups import zero_variance_groups
-from gvpo_trl.rows import concat_generation_outputs
-from gvpo_trl.toy import LETTERS, build_dataset
 
 from .helpers import make_trainer
 
@@ -68,7 +67,7 @@ def test_resampling_accepts_a_streaming_dataset(tmp_path):
     stream = IterableDataset.from_generator(lambda: iter({"prompt": p} for p in build_dataset(16)["prompt"]))
     trainer = _trainer(tmp_path, dataset=stream, max_steps=1)
     trainer.state.global_step = 0
-    rows = next(trainer._extra_prompts(4))
+    rows = trainer.dynamic_sampling.extra_prompts(4).take(4)
     assert len(rows) == 16 and {row["prompt"] for row in rows} <= set(build_dataset(16)["prompt"])
 
 
@@ -194,41 +193,6 @@ def test_off_policy_rows_get_truncated_importance_weights(tmp_path):
     assert trainer._compute_loss(trainer.model, mixed).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_concatenating_generation_outputs_re_pads_each_side():
-    a = {
-        "prompt_ids": torch.tensor([[0, 5, 6]]),
-        "prompt_mask": torch.tensor([[0, 1, 1]]),
-        "completion_ids": torch.tensor([[7, 0]]),
-        "completion_mask": torch.tensor([[1, 0]]),
-        "old_per_token_logps": torch.tensor([[-1.0, 0.0]]),
-        "tool_mask": torch.tensor([[1, 1]]),
-        "advantages": torch.tensor([0.5]),
-        "group_id": torch.tensor([3]),
-        "num_items_in_batch": torch.tensor(1),
-    }
-    b = {
-        "prompt_ids": torch.tensor([[5]]),
-        "prompt_mask": torch.tensor([[1]]),
-        "completion_ids": torch.tensor([[8, 9, 7]]),
-        "completion_mask": torch.tensor([[1, 1, 1]]),
-        "old_per_token_logps": torch.tensor([[-2.0, -3.0, -4.0]]),
-        "tool_mask": torch.tensor([[1, 0, 1]]),
-        "advantages": torch.tensor([-1.0]),
-        "group_id": torch.tensor([9]),
-        "num_items_in_batch": torch.tensor(3),
-    }
-    out = concat_generation_outputs([a, b], pad_token_id=0)
-    assert out["prompt_ids"].tolist() == [[0, 5, 6], [0, 0, 5]]  # left
-    assert out["prompt_mask"].tolist() == [[0, 1, 1], [0, 0, 1]]
-    assert out["completion_ids"].tolist() == [[7, 0, 0], [8, 9, 7]]  # right
-    assert out["completion_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
-    assert out["old_per_token_logps"].tolist() == [[-1.0, 0.0, 0.0], [-2.0, -3.0, -4.0]]
-    assert out["tool_mask"].tolist() == [[1, 1, 1], [1, 0, 1]]  # TRL pads it with 1
-    assert out["advantages"].tolist() == [0.5, -1.0] and out["group_id"].tolist() == [3, 9]
-    with pytest.raises(ValueError, match="'pixel_values'.*padding is unknown"):
-        concat_generation_outputs([dict(a, pixel_values=torch.zeros(1, 2)), dict(b, pixel_values=torch.zeros(1, 2))], 0)
-
-
 # --- β_th: resampling until enough groups have a reward variance ----------------------------------------------------
 
 LIVE = "gh"  # 2 of the 8 letters: a quarter of the prompts
@@ -262,8 +226,8 @@ def test_resampling_reaches_the_threshold_with_whole_re_padded_groups(tmp_path):
     out = trainer._generate_and_score_completions(inputs)
 
     metrics = trainer._metrics["train"]
-    rounds = metrics["gpg/resample_rounds"][-1]
-    assert 1 <= rounds <= 20 and metrics["gpg/batch_valid_fraction"][-1] == 1.0
+    rounds = metrics["dynamic_sampling/rounds"][-1]
+    assert 1 <= rounds <= 20 and metrics["dynamic_sampling/batch_valid_fraction"][-1] == 1.0
     assert len(metrics["groups/zero_variance_frac"]) == 1 + rounds  # one generation per round
     assert metrics["groups/zero_variance_frac"][0] == 1.0
 
@@ -298,7 +262,7 @@ def test_resampling_in_the_training_loop_logs_rounds(tmp_path):
     logs = [h for h in trainer.state.log_history if "gpg/loss" in h]
     assert len(logs) == 2
     for h in logs:
-        assert h["gpg/resample_rounds"] >= 1 and h["gpg/batch_valid_fraction"] >= 0.6
+        assert h["dynamic_sampling/rounds"] >= 1 and h["dynamic_sampling/batch_valid_fraction"] >= 0.6
         assert math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"])
 
 
@@ -318,4 +282,4 @@ def test_seeded_run_raises_the_reward(tmp_path):
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert first < 0.06 and last > first + 0.06, rewards
     assert min(h["gpg/alpha"] for h in logs) >= 1.0 and max(h["gpg/alpha"] for h in logs) > 1.0
-    assert max(h["gpg/resample_rounds"] for h in logs) >= 1
+    assert max(h["dynamic_sampling/rounds"] for h in logs) >= 1

@@ -4,7 +4,7 @@ import torch
 
 from gvpo_trl.groups import (
     aggregate_rewards,
-    group_centered,
+    group_centred,
     group_mean,
     group_sizes,
     group_std,
@@ -16,14 +16,14 @@ from gvpo_trl.groups import (
 NAN = float("nan")
 
 
-def test_group_mean_std_centered_with_interleaved_groups_and_nan():
+def test_group_mean_std_centred_with_interleaved_groups_and_nan():
     ids = torch.tensor([7, 3, 7, 3, 7, 3])
     x = torch.tensor([1.0, 10.0, 2.0, NAN, 6.0, 20.0], dtype=torch.float64)
     # group 7: {1, 2, 6} mean 3, sample std sqrt(((−2)²+(−1)²+3²)/2) = sqrt(7); group 3: {10, 20} mean 15, std sqrt(50)
     torch.testing.assert_close(group_mean(x, ids), torch.tensor([3.0, 15, 3, 15, 3, 15], dtype=torch.float64))
     expected_std = torch.tensor([7**0.5, 50**0.5] * 3, dtype=torch.float64)[[0, 1, 0, 1, 0, 1]]
     torch.testing.assert_close(group_std(x, ids), expected_std)
-    torch.testing.assert_close(group_centered(x, ids), torch.tensor([-2.0, -5, -1, 0, 3, 5], dtype=torch.float64))
+    torch.testing.assert_close(group_centred(x, ids), torch.tensor([-2.0, -5, -1, 0, 3, 5], dtype=torch.float64))
     assert group_sizes(ids).tolist() == [3, 3, 3, 3, 3, 3]
 
 

@@ -1,11 +1,15 @@
 """GSPO math pinned on hand-computed float64 tensors (expected values written out, never re-derived by the code)."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
-from gvpo_trl.gspo import LOG_RATIO_BOUND, gspo_advantages, gspo_loss, gspo_token_loss, sequence_log_ratio
+from gvpo_trl.gspo import LOG_RATIO_BOUND, gspo_advantages, gspo_loss, sequence_log_ratio
+
+#: GSPO-token (§4.3): the same loss function in its token-level variant
+gspo_token_loss = partial(gspo_loss, token_level=True)
 
 D = torch.float64
 INF = float("inf")

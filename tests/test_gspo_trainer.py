@@ -9,8 +9,8 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from gvpo_trl import GSPOConfig, GSPOTrainer
+from gvpo_trl.demo.toy import build_dataset, repeat_letter_reward
 from gvpo_trl.gspo import LOG_RATIO_BOUND
-from gvpo_trl.toy import build_dataset, repeat_letter_reward
 
 from .helpers import cpu_args, make_trainer, tiny_model_path
 

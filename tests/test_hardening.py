@@ -12,7 +12,7 @@ from datasets import Dataset
 from gvpo_trl import TRAINERS
 from gvpo_trl.buffer import BUFFER_STATE_NAME
 from gvpo_trl.checkpoints import RUN_FILE
-from gvpo_trl.toy import build_dataset, repeat_letter_reward
+from gvpo_trl.demo.toy import build_dataset, repeat_letter_reward
 
 from .helpers import make_trainer
 

@@ -11,7 +11,7 @@ from gvpo_trl._trl_compat import (
     check_trl_version,
     missing_internals,
 )
-from gvpo_trl.toy import build_dataset, repeat_letter_reward
+from gvpo_trl.demo.toy import build_dataset, repeat_letter_reward
 
 from .helpers import cpu_args, tiny_model_path
 

@@ -18,8 +18,8 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from gvpo_trl import TRAINERS, GPGConfig, GPGTrainer, GVPOConfig, GVPOTrainer
-from gvpo_trl.gpg import ExtraPromptStream
-from gvpo_trl.toy import build_dataset, repeat_letter_reward
+from gvpo_trl.demo.toy import build_dataset, repeat_letter_reward
+from gvpo_trl.prompt_stream import ExtraPromptStream
 
 from .helpers import cpu_args, make_trainer, tiny_model_path
 from .tiny_models import build_tiny_moe, build_tiny_qwen2_vl, tiny_qwen2_vl_processor
@@ -202,16 +202,16 @@ def _check_rows_keep_their_images(trainer, micro_batches, k):
 
 
 def test_vlm_gvpo_regroup_keeps_each_rows_images(tmp_path, monkeypatch):
-    import gvpo_trl.base
+    import gvpo_trl.trainer
 
     scattered = []
-    regroup = gvpo_trl.base.regroup_batches
+    regroup = gvpo_trl.trainer.regroup_batches
 
     def watching(batches):  # TRL's shuffled split, before the group-preserving one
         scattered.append(any(len(set(b["group_id"].tolist())) > 1 for b in batches))
         return regroup(batches)
 
-    monkeypatch.setattr(gvpo_trl.base, "regroup_batches", watching)
+    monkeypatch.setattr(gvpo_trl.trainer, "regroup_batches", watching)
     path = build_tiny_qwen2_vl()
     trainer_cls = _recording(GVPOTrainer)
     args = cpu_args(GVPOConfig, tmp_path, max_steps=4, per_device_train_batch_size=4, steps_per_generation=2,
@@ -235,7 +235,7 @@ def test_vlm_gpg_extra_rounds_keep_each_rows_images(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "gpg/loss" in h]
     assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
-    assert max(h["gpg/resample_rounds"] for h in logs) >= 1  # rows of several rounds were joined
+    assert max(h["dynamic_sampling/rounds"] for h in logs) >= 1  # rows of several rounds were joined
     _check_rows_keep_their_images(trainer, trainer_cls.seen, k=2)
     # some trained batches joined rows of extra rounds (group ids of round r start at r × 4 groups)
     assert any(b["group_id"].max() >= 4 for b in trainer_cls.seen)
@@ -271,8 +271,8 @@ def test_gpg_resamples_from_a_streaming_dataset(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "gpg/loss" in h]
     assert len(logs) == 4 and all(math.isfinite(h["loss"]) for h in logs)
-    assert sum(h["gpg/resample_rounds"] for h in logs) >= 1
-    assert trainer._extra_stream is not None and trainer._extra_stream.position > 0
+    assert sum(h["dynamic_sampling/rounds"] for h in logs) >= 1
+    assert trainer.dynamic_sampling._stream is not None and trainer.dynamic_sampling._stream.position > 0
     assert trainer.args.accelerator_config.dispatch_batches is False
 
 
@@ -302,10 +302,10 @@ def test_gpg_stream_extra_prompts_depend_on_the_step_only(tmp_path):
     run = make_trainer("gpg", tmp_path / "run", **kwargs)
     for step in range(4):
         run.state.global_step = step
-        drawn = [ex["prompt"] for ex in next(run._extra_prompts(2))]
+        drawn = [ex["prompt"] for ex in run.dynamic_sampling.extra_prompts(2).take(2)]
     resumed = make_trainer("gpg", tmp_path / "resumed", **kwargs)
     resumed.state.global_step = 3
-    assert [ex["prompt"] for ex in next(resumed._extra_prompts(2))] == drawn
+    assert [ex["prompt"] for ex in resumed.dynamic_sampling.extra_prompts(2).take(2)] == drawn
     assert len(drawn) == 8 and drawn[0] == drawn[3] != drawn[4]  # 2 prompts, k = 4 rows each
 
 
@@ -418,41 +418,3 @@ def test_tool_and_environment_runs_train_with_whole_groups(tmp_path, monkeypatch
 
 
 # --- row operations on image batches (gvpo_trl.rows) ------------------------------------------------------------------
-
-
-def test_concat_generation_outputs_repads_prompt_completion_keys_on_both_sides():
-    from gvpo_trl.rows import concat_generation_outputs
-
-    a = {"prompt_ids": torch.tensor([[5, 6]]), "completion_ids": torch.tensor([[7]]),
-         "mm_token_type_ids": torch.tensor([[1, 2, 3]])}  # fmt: skip
-    b = {"prompt_ids": torch.tensor([[5]]), "completion_ids": torch.tensor([[8, 9]]),
-         "mm_token_type_ids": torch.tensor([[4, 5, 6]])}  # fmt: skip
-    out = concat_generation_outputs([a, b], pad_token_id=0)
-    # prompt part left-padded to 2, completion part right-padded to 2
-    assert out["mm_token_type_ids"].tolist() == [[1, 2, 3, 0], [0, 4, 5, 6]]
-    with pytest.raises(ValueError, match="width 2 is not prompt \\+ completion"):
-        concat_generation_outputs([a, dict(b, mm_token_type_ids=torch.tensor([[4, 5]]))], 0)
-
-
-def test_regroup_batches_moves_flat_image_tensors_with_their_rows():
-    from gvpo_trl.rows import regroup_batches
-
-    # 2 slices of 4 rows, groups of 2 scattered; row r has r + 1 images of 1 patch row each, valued 10·group + r
-    group = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2])
-    batches = []
-    for rows in (range(0, 4), range(4, 8)):
-        num_images = [r % 2 + 1 for r in rows]
-        pixels = torch.cat([torch.full((n, 3), 10.0 * group[r] + r) for r, n in zip(rows, num_images, strict=True)])
-        batches.append({"group_id": group[list(rows)], "num_images": num_images, "pixel_values": pixels,
-                        "image_grid_thw": torch.ones(sum(num_images), 3, dtype=torch.long)})  # fmt: skip
-    out = regroup_batches(batches, generator=torch.Generator().manual_seed(0))
-    assert sum(b["pixel_values"].size(0) for b in out) == 12  # every image once
-    for b in out:
-        per_row = torch.split(b["pixel_values"], b["num_images"])
-        for gid, rows in zip(b["group_id"].tolist(), per_row, strict=True):
-            row = int(rows[0, 0].item()) % 10
-            assert (rows == 10.0 * gid + row).all() and rows.size(0) == row % 2 + 1  # its own images, all of them
-        assert sorted(b["group_id"].tolist()) in ([0, 0, 1, 1], [0, 0, 2, 2], [0, 0, 3, 3], [1, 1, 2, 2],
-                                                  [1, 1, 3, 3], [2, 2, 3, 3])  # fmt: skip
-    with pytest.raises(ValueError, match="'extra' has 3 entries for 4 rows"):
-        regroup_batches([dict(batches[0], extra=torch.zeros(3)), dict(batches[1], extra=torch.zeros(3))])

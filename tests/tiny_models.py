@@ -3,18 +3,20 @@ model with its processor, and a chat tokenizer whose chat template TRL recognise
 
 Nothing is downloaded. Every tokenizer here is character-level (one token per printable ASCII character) plus the
 Qwen chat/vision special tokens, so any text a chat template renders, and any tool call a test fakes, is encodable.
-Each builder writes its folder once (a marker file records the spec) and returns the path.
+Each builder writes its folder once (``gvpo_trl.demo.model_folder``: complete or absent) and returns the path.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import string
 import tempfile
 from pathlib import Path
 
+from gvpo_trl.demo.model_folder import build_model_folder, is_built
+
 ROOT = Path(tempfile.gettempdir()) / "gvpo_trl_tests"
+MARKER = "gvpo_trl_tiny.json"
 
 #: Special tokens (never split, skipped when decoding with skip_special_tokens) and plain added tokens (kept).
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -34,26 +36,17 @@ VLM_CHAT_TEMPLATE = (
 )
 
 
-def _done(path: Path, spec: dict) -> bool:
-    marker = path / "gvpo_trl_tiny.json"
-    return marker.exists() and json.loads(marker.read_text()) == spec
-
-
 def _save(path, model_cls, config, tokenizer, spec, seed) -> str:
-    """Build ``model_cls(config)`` under ``seed``, save it with its tokenizer to ``path`` and mark the folder built."""
-    import torch
+    """Build ``model_cls(config)`` under ``seed`` and save it with its tokenizer to ``path``, once and atomically."""
 
-    torch.manual_seed(seed)
-    model = model_cls(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    _mark(path, spec)
-    return str(path)
+    def write(folder):
+        import torch
 
+        torch.manual_seed(seed)
+        model_cls(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
-def _mark(path: Path, spec: dict) -> None:
-    (path / "gvpo_trl_tiny.json").write_text(json.dumps(spec))
+    return build_model_folder(path, MARKER, spec, write)
 
 
 def build_chat_tokenizer(chat_template: str | None = None):
@@ -82,7 +75,7 @@ def build_tiny_moe(path: str | os.PathLike | None = None, seed: int = 0, chat_te
 
     path = Path(path or ROOT / ("tiny-qwen3-moe" + ("-chat" if chat_template else "")))
     spec = {"kind": "qwen3-moe", "seed": seed, "template": chat_template is not None, "version": 1}
-    if _done(path, spec):
+    if is_built(path, MARKER, spec):
         return str(path)
     tokenizer = build_chat_tokenizer(chat_template)
     config = Qwen3MoeConfig(
@@ -140,7 +133,7 @@ def build_tiny_qwen2_vl(path: str | os.PathLike | None = None, seed: int = 0) ->
 
     path = Path(path or ROOT / "tiny-qwen2-vl")
     spec = {"kind": "qwen2-vl", "seed": seed, "version": 1}
-    if _done(path, spec):
+    if is_built(path, MARKER, spec):
         return str(path)
     tokenizer = build_chat_tokenizer(VLM_CHAT_TEMPLATE)
     ids = tokenizer.convert_tokens_to_ids

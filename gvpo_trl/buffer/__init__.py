@@ -1,12 +1,16 @@
 """Mixed buffers: groups of k that hold h historical samples (reused from earlier steps) and k − h fresh ones.
 
-One module per layer, each usable alone: ``store`` (the samples, keyed by prompt), ``planning`` (which samples a
-group gets: pure functions), ``config`` (the ``buffer_*`` fields and their checks) and ``mixin`` (the TRL wiring).
+One module per concept: ``store`` (the samples, keyed by prompt), ``planning`` (which samples a group gets: pure
+functions), ``members`` (one record per row of a mixed generation batch, and the pure functions over them),
+``accounting`` (what is counted and logged), ``persistence`` (the buffer in a checkpoint), ``config`` (the
+``buffer_*`` fields and their checks) and ``mixin`` (the TRL wiring).
 See ``docs/mixed_buffers.md`` for the semantics and for how a loss uses the columns it adds.
 """
 
 from .config import BufferArgs, buffer_enabled, check_buffer_config
-from .mixin import BUFFER_STATE_NAME, EXTERNAL, FRESH, HISTORICAL, BufferMixin, Member, Round
+from .members import EXTERNAL, FRESH, HISTORICAL, Member, MixedBatch
+from .mixin import BufferMixin
+from .persistence import BUFFER_STATE_NAME
 from .planning import (
     HISTORY_SCHEDULES,
     SELECTION_RULES,
@@ -32,7 +36,7 @@ __all__ = [
     "BufferMixin",
     "GroupPlan",
     "Member",
-    "Round",
+    "MixedBatch",
     "Sample",
     "SampleBuffer",
     "buffer_enabled",

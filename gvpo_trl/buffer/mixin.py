@@ -11,70 +11,33 @@
   everywhere) and logs ``buffer/*`` metrics;
 - ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: save and restore the buffer with each checkpoint.
 
-While TRL runs one ``_generate_and_score_completions`` call, a :class:`Round` holds its plan and one :class:`Member`
-record per local row.
+While TRL makes one generation batch, a :class:`~gvpo_trl.buffer.members.MixedBatch` holds its plan and one
+``Member`` record per local row; the arithmetic lives in pure functions of ``members``, ``planning`` and ``accounting``.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..checkpoints import checkpoint_dir
-from ..columns import BEHAVIOUR_LOGPS, IS_EXTERNAL, IS_HISTORICAL, STALENESS
-from ..groups import aggregate_rewards
+from ..columns import BEHAVIOUR_LOGPS
+from .accounting import STAT_NAMES, fresh_reward, generated_lengths, plan_metrics
 from .config import BufferArgs, buffer_enabled, check_buffer_config
-from .planning import (
-    GroupPlan,
-    plan_groups,
-    resolve_history_horizon,
-    resolve_num_historical,
-    scheduled_num_historical,
+from .members import (
+    FRESH,
+    HISTORICAL,
+    MixedBatch,
+    external_member,
+    group_members,
+    member_columns,
+    member_drifts,
+    splice_completions,
 )
+from .persistence import load_buffer, save_buffer
+from .planning import plan_groups, resolve_history_horizon, resolve_num_historical, scheduled_num_historical
 from .store import SampleBuffer, prompt_key
-
-#: File name of the buffer state inside a checkpoint folder.
-BUFFER_STATE_NAME = "gvpo_trl_buffer.pt"
-
-FRESH, EXTERNAL, HISTORICAL = "fresh", "external", "historical"
-
-
-@dataclass
-class Member:
-    """One local row of a round: a group member, its kind and its completion.
-
-    Fresh members get their completion from the generation; historical ones from their stored sample (``sample_uid``,
-    ``step`` and ``rewards`` as stored); external ones from the dataset. ``logps``: the behaviour policy's per-token
-    log-probs when known before scoring (stored or external), else None.
-    """
-
-    key: str
-    kind: str
-    completion_ids: list[int] | None = None
-    completion: Any = None
-    logps: list[float] | None = None
-    step: int | None = None
-    rewards: list[float] | None = None
-    sample_uid: int | None = None
-
-
-@dataclass
-class Round:
-    """State of one call of ``_generate_and_score_completions`` in training, while TRL runs it."""
-
-    inputs: list[dict[str, Any]]
-    step: int
-    plan: list[GroupPlan] | None = None  # global, identical on every process
-    num_historical: int = 0  # historical members per group asked for at this step (the schedule's value)
-    members: list[Member] = field(default_factory=list)  # local rows
-    rewards_per_func: torch.Tensor | None = None  # global rows
-
-    def rows(self, kind: str) -> list[int]:
-        return [i for i, member in enumerate(self.members) if member.kind == kind]
 
 
 class BufferMixin:
@@ -85,6 +48,9 @@ class BufferMixin:
     #: Trainers whose loss weighs off-policy members by the behaviour policy (GSPO, GPG) set this: they refuse
     #: external completions that come without log-probs.
     needs_behaviour_logps: bool = False
+    #: The generation batch being made with the buffer on (None outside one, and for a trainer built without
+    #: ``__init__``, as TRL's own tests do).
+    _mixed_batch: MixedBatch | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -95,17 +61,18 @@ class BufferMixin:
         self.history_per_group = resolve_num_historical(self.args.buffer_history_per_group, self.num_generations)
         self._buffer_enabled = buffer_enabled(self.args)
         self.sample_buffer = SampleBuffer(self.args.buffer_capacity)
-        self.buffer_stats = {"generated_tokens": 0, "generated_rows": 0, "historical_rows": 0, "external_rows": 0,
-                             "drift_evicted": 0, "reuse_evicted": 0}  # fmt: skip
-        self._buffer_round: Round | None = None
-        if not self._buffer_enabled:
-            return
+        self.buffer_stats = dict.fromkeys(STAT_NAMES, 0)
+        if self._buffer_enabled:
+            self._check_buffer_support()
+
+    def _check_buffer_support(self) -> None:
+        name, args = type(self).__name__, self.args
         unsupported = [what for what, on in (("tools", self.tools), ("rollout_func", self.rollout_func),
                                              ("environment_factory", self.environment_factories)) if on]  # fmt: skip
         if unsupported:
             raise ValueError(f"{name}: the mixed buffer does not support {', '.join(unsupported)} yet: a stored "
                              "completion cannot replay a tool or environment interaction.")  # fmt: skip
-        column, logps_column = self.args.external_completions_column, self.args.external_logps_column
+        column, logps_column = args.external_completions_column, args.external_logps_column
         if column and self.needs_behaviour_logps and not logps_column:
             raise ValueError(
                 f"{name} weighs each off-policy group member by its behaviour policy's log-probs, so external "
@@ -134,55 +101,41 @@ class BufferMixin:
             return super()._generate_and_score_completions(inputs)
         if "image" in inputs[0] or "images" in inputs[0]:  # a stream shows its columns only here
             raise ValueError(self._image_refusal())
-        self._buffer_round = Round(inputs=inputs, step=self.state.global_step)
+        self._mixed_batch = MixedBatch(inputs=inputs, step=self.state.global_step)
         try:
             output = super()._generate_and_score_completions(inputs)
-            self._finish_round(self._buffer_round, output)
+            self._finish_mixed_batch(self._mixed_batch, output)
         finally:
-            self._buffer_round = None
+            self._mixed_batch = None
         return output
 
     def _generate(self, prompts):
-        rnd = self._buffer_round
-        if rnd is None:
+        batch = self._mixed_batch
+        if batch is None:
             output = super()._generate(prompts)
             if self.model.training:
                 self._count_generated(output[1], output[2])
             return output
-        self._plan_round(rnd, prompts)
-        fresh = rnd.rows(FRESH)
+        self._plan(batch, prompts)
+        fresh = batch.rows(FRESH)
         output = super()._generate([prompts[i] for i in fresh])
         prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = output
         if tool_mask is not None or extra_fields or images is not None:
             raise RuntimeError(f"{type(self).__name__}: unexpected tool/extra/image outputs with the mixed buffer on.")
         self._count_generated(completion_ids, None)
-        n = len(prompts)
-        all_prompt_ids, all_ids, all_completions = [None] * n, [None] * n, [None] * n
-        all_logprobs = None if logprobs is None else [None] * n
-        for j, i in enumerate(fresh):
-            all_prompt_ids[i], all_ids[i], all_completions[i] = prompt_ids[j], completion_ids[j], completions[j]
-            if logprobs is not None:
-                all_logprobs[i] = logprobs[j]
-        k = self.num_generations
-        for i, member in enumerate(rnd.members):
-            if member.kind == FRESH:
-                member.completion_ids, member.completion = list(all_ids[i]), all_completions[i]
-                continue
-            all_prompt_ids[i] = all_prompt_ids[i - i % k]  # every group starts with a fresh row of the same prompt
-            all_ids[i], all_completions[i] = list(member.completion_ids), member.completion
-            if all_logprobs is not None:
-                logps = member.logps
-                all_logprobs[i] = logps if logps is not None else [float("nan")] * len(all_ids[i])
-        return all_prompt_ids, all_ids, tool_mask, all_completions, all_logprobs, extra_fields, images, tool_images
+        prompt_ids, completion_ids, completions, logprobs = splice_completions(
+            batch.members, prompt_ids, completion_ids, completions, logprobs, self.num_generations
+        )
+        return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rnd = self._buffer_round
-        has_history = rnd is not None and rnd.plan is not None and any(p.historical for p in rnd.plan)
+        batch = self._mixed_batch
+        has_history = batch is not None and batch.plan is not None and any(p.historical for p in batch.plan)
         if not has_history or self.args.buffer_rescore:
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         else:
             # every process scores the same number of rows (plan_groups equalises), as TRL's tensor gather needs
-            scored = [i for i, member in enumerate(rnd.members) if member.kind != HISTORICAL]
+            scored = [i for i, member in enumerate(batch.members) if member.kind != HISTORICAL]
             sub = super()._calculate_rewards(
                 [inputs[i] for i in scored],
                 [prompts[i] for i in scored],
@@ -192,8 +145,8 @@ class BufferMixin:
             start = self.accelerator.process_index * len(scored)
             local = torch.empty(len(prompts), sub.size(1), dtype=sub.dtype, device=sub.device)
             local[scored] = sub[start : start + len(scored)]
-            for i in rnd.rows(HISTORICAL):
-                stored = rnd.members[i].rewards
+            for i in batch.rows(HISTORICAL):
+                stored = batch.members[i].rewards
                 if len(stored) != sub.size(1):
                     raise RuntimeError(
                         f"a historical sample has {len(stored)} rewards but there are {sub.size(1)} reward functions: "
@@ -201,8 +154,8 @@ class BufferMixin:
                     )
                 local[i] = torch.tensor(stored, dtype=sub.dtype, device=sub.device)
             rewards = self.accelerator.gather(local)
-        if rnd is not None:
-            rnd.rewards_per_func = rewards
+        if batch is not None:
+            batch.rewards_per_func = rewards
         return rewards
 
     # --- checkpoints ---
@@ -210,174 +163,85 @@ class BufferMixin:
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            torch.save(self.buffer_state_dict(), os.path.join(checkpoint_dir(self, trial), BUFFER_STATE_NAME))
+            save_buffer(checkpoint_dir(self, trial), self.sample_buffer, self.buffer_stats)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        name = type(self).__name__
-        path = os.path.join(checkpoint, BUFFER_STATE_NAME)
-        if os.path.exists(path):
-            try:
-                self.load_buffer_state_dict(torch.load(path, weights_only=True))
-            except Exception as error:  # a truncated or foreign file: unpickling errors name neither the file nor a fix
-                raise ValueError(
-                    f"{name}: the mixed-buffer state {path} cannot be read ({type(error).__name__}: "
-                    f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}); the file "
-                    "is damaged (e.g. a write cut short). Resume from an earlier checkpoint, or start fresh (no "
-                    "resume_from_checkpoint, or a new output_dir)."
-                ) from error
-        elif self._buffer_enabled:
-            raise FileNotFoundError(
-                f"{name}: the checkpoint {checkpoint} has no mixed-buffer state ({BUFFER_STATE_NAME}), "
-                "so the run cannot continue as it would have. It was written without gvpo-trl's buffer (or by a "
-                "process that could not write there)."
-            )
+        if checkpoint is not None:
+            load_buffer(checkpoint, self.sample_buffer, self.buffer_stats, required=self._buffer_enabled,
+                        name=type(self).__name__)  # fmt: skip
 
-    def buffer_state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "buffer": self.sample_buffer.state_dict(), "stats": dict(self.buffer_stats)}
+    # --- the steps of a mixed generation batch ---
 
-    def load_buffer_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != 1:
-            raise ValueError(f"unknown mixed-buffer state version {state.get('version')!r}")
-        self.sample_buffer.load_state_dict(state["buffer"])
-        self.buffer_stats.update(state["stats"])
-
-    # --- helpers ---
-
-    def _evict_drifted_and_overused(self, rnd: Round, current: torch.Tensor, behaviour: torch.Tensor) -> None:
-        """After a round with historical members: measure each one's drift (mean |log π_θ' − log π_b| over its
-        tokens), count its use, and evict those over ``buffer_max_drift`` or ``buffer_max_reuse`` for later groups.
-        Each member is measured on the process that holds it; the values are gathered so every process evicts the
-        same."""
+    def _plan(self, batch: MixedBatch, prompts: list) -> None:
+        """Plan every process's groups (the same plan everywhere) and build this process's members."""
         from accelerate.utils import gather_object
 
-        local = []
-        for i in rnd.rows(HISTORICAL):
-            n = len(rnd.members[i].completion_ids)
-            drift = (current[i, :n] - behaviour[i, :n]).abs().mean().item() if n else 0.0
-            local.append((rnd.members[i].sample_uid, drift))
-        drifts = gather_object(local)
-        metrics, max_drift = self._metrics["train"], self.args.buffer_max_drift
-        metrics["buffer/mean_drift"].append(sum(d for _, d in drifts) / len(drifts))
-        drifted = self.sample_buffer.evict([uid for uid, d in drifts if max_drift and d > max_drift])
-        used = [uid for p in rnd.plan for uid in p.historical if uid in self.sample_buffer]
-        overused = self.sample_buffer.record_uses(used, self.args.buffer_max_reuse)
-        self.buffer_stats["drift_evicted"] += len(drifted)
-        self.buffer_stats["reuse_evicted"] += len(overused)
-        metrics["buffer/drift_evicted"].append(float(len(drifted)))
-        metrics["buffer/reuse_evicted"].append(float(len(overused)))
-
-    def _count_generated(self, completion_ids, tool_mask) -> None:
-        """Log the tokens the policy generated in this call (all processes), and their running total."""
-        lengths = [sum(m) for m in tool_mask] if tool_mask is not None else [len(ids) for ids in completion_ids]
-        local = torch.tensor([float(sum(lengths)), float(len(lengths))], device=self.accelerator.device)
-        tokens, rows = self.accelerator.reduce(local, reduction="sum").tolist()
-        self.buffer_stats["generated_tokens"] += int(tokens)
-        self.buffer_stats["generated_rows"] += int(rows)
-        metrics = self._metrics["train"]
-        metrics["buffer/generated_tokens"].append(tokens)
-        metrics["buffer/generated_tokens_total"] = [float(self.buffer_stats["generated_tokens"])]
-
-    def _external_for(self, row: dict[str, Any], key: str, conversational: bool) -> Member | None:
-        value = row.get(self.args.external_completions_column)
-        if value is None or (isinstance(value, (str, list)) and len(value) == 0):
-            return None
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        logps = None
-        if isinstance(value, str):
-            if self.args.external_logps_column:
-                raise ValueError(
-                    f"external_logps_column is set, so {self.args.external_completions_column!r} must hold token ids "
-                    "(one log-prob per token id); it holds text."
-                )
-            ids = tokenizer(text=value, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            text = value
-        elif isinstance(value, list) and all(isinstance(x, int) for x in value):
-            ids = list(value)
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-        else:
-            raise ValueError(
-                f"external completion column {self.args.external_completions_column!r}: expected a string or a list "
-                f"of token ids, got {type(value).__name__}."
-            )
-        if self.args.external_logps_column:
-            logps = row.get(self.args.external_logps_column)
-            if logps is None or len(logps) != len(ids):
-                raise ValueError(
-                    f"external completion of prompt {row.get('prompt')!r}: {self.args.external_logps_column!r} must "
-                    f"hold one log-prob per token id ({len(ids)}), got "
-                    f"{'none' if logps is None else len(logps)}. {type(self).__name__} cannot use it without them."
-                )
-            logps = [float(x) for x in logps]
-            if not all(math.isfinite(x) and x <= 0 for x in logps):
-                raise ValueError(
-                    f"external completion of prompt {row.get('prompt')!r}: {self.args.external_logps_column!r} holds a "
-                    f"value that is not a log-probability (NaN, infinite or > 0): {logps}. Fix or drop that row."
-                )
-        limit = self.args.max_completion_length
-        if limit is not None and len(ids) > limit:
-            ids, logps = ids[:limit], (None if logps is None else logps[:limit])
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-        completion = [{"role": "assistant", "content": text}] if conversational else text
-        return Member(key, EXTERNAL, ids, completion, logps)
-
-    def _plan_round(self, rnd: Round, prompts: list) -> None:
-        k, n = self.num_generations, len(prompts)
-        name = type(self).__name__
+        k, n, name = self.num_generations, len(prompts), type(self).__name__
         if n % k:
             raise RuntimeError(f"{name}: {n} rows on this process are not whole groups of {k} (buffer on).")
         keys = [prompt_key(p) for p in prompts]
-        local_groups, local_externals = [], []
         for g in range(n // k):
             if len(set(keys[g * k : (g + 1) * k])) != 1:
                 raise RuntimeError(f"{name}: rows {g * k}..{(g + 1) * k - 1} should be one group of the same prompt.")
-            ext = None
-            if self.args.external_completions_column:
-                ext = self._external_for(
-                    rnd.inputs[g * k], keys[g * k], conversational=not isinstance(prompts[g * k], str)
-                )
-            local_groups.append((keys[g * k], ext is not None))
-            local_externals.append(ext)
-        from accelerate.utils import gather_object
-
-        all_groups = gather_object(local_groups)
-        self.sample_buffer.evict_stale(rnd.step, self.args.buffer_max_staleness)
-        rnd.num_historical = self.history_per_group
-        if self.history_per_group and self.args.buffer_history_schedule != "constant":
-            horizon = resolve_history_horizon(self.args.buffer_history_horizon, self.state.max_steps)
-            rnd.num_historical = scheduled_num_historical(
-                self.history_per_group, rnd.step, self.args.buffer_history_schedule, horizon
-            )
-        rnd.plan = plan_groups(
+        externals = [self._external(batch.inputs[g * k], keys[g * k], prompts[g * k]) for g in range(n // k)]
+        all_groups = gather_object([(keys[g * k], ext is not None) for g, ext in enumerate(externals)])
+        self.sample_buffer.evict_stale(batch.step, self.args.buffer_max_staleness)
+        batch.num_historical = self._scheduled_history(batch.step)
+        batch.plan = plan_groups(
             [key for key, _ in all_groups],
-            [ext for _, ext in all_groups],
+            [available for _, available in all_groups],
             self.sample_buffer,
             k=k,
-            num_historical=rnd.num_historical,
-            step=rnd.step,
+            num_historical=batch.num_historical,
+            step=batch.step,
             max_staleness=self.args.buffer_max_staleness,
             selection=self.args.buffer_selection,
             seed=self.args.seed,
             num_processes=self.accelerator.num_processes,
         )
-        start = self.accelerator.process_index * len(local_groups)
-        for plan, ext in zip(rnd.plan[start : start + len(local_groups)], local_externals, strict=False):
-            f = plan.num_fresh(k)
-            rnd.members += [Member(plan.key, FRESH) for _ in range(f)] + ([ext] if plan.external else [])
-            for uid in plan.historical:
-                sample = self.sample_buffer[uid]
-                logps = None if sample.logps is None else sample.logps.tolist()
-                rnd.members.append(
-                    Member(plan.key, HISTORICAL, list(sample.completion_ids), sample.completion, logps, sample.step,
-                           list(sample.rewards), uid)
-                )  # fmt: skip
+        start = self.accelerator.process_index * len(externals)
+        for plan, ext in zip(batch.plan[start : start + len(externals)], externals, strict=True):
+            batch.members += group_members(plan, k, ext, [self.sample_buffer[uid] for uid in plan.historical])
 
-    def _finish_round(self, rnd: Round, output: dict[str, Any]) -> None:
-        """Add the buffer columns, store the fresh samples (of every process, in process order), log."""
-        completion_ids, device = output["completion_ids"], output["completion_ids"].device
-        n, width = completion_ids.shape
+    def _scheduled_history(self, step: int) -> int:
+        if not self.history_per_group or self.args.buffer_history_schedule == "constant":
+            return self.history_per_group
+        horizon = resolve_history_horizon(self.args.buffer_history_horizon, self.state.max_steps)
+        return scheduled_num_historical(self.history_per_group, step, self.args.buffer_history_schedule, horizon)
+
+    def _external(self, row: dict[str, Any], key: str, prompt: Any):
+        if not self.args.external_completions_column:
+            return None
+        return external_member(
+            row, key, column=self.args.external_completions_column, logps_column=self.args.external_logps_column,
+            tokenizer=getattr(self.processing_class, "tokenizer", self.processing_class),
+            max_completion_length=self.args.max_completion_length, conversational=not isinstance(prompt, str),
+            name=type(self).__name__,
+        )  # fmt: skip
+
+    def _finish_mixed_batch(self, batch: MixedBatch, output: dict[str, Any]) -> None:
+        """Add the buffer columns, log, evict what drifted or was used up, store the fresh samples."""
+        behaviour = self._generating_policy_logps(output)
+        columns = member_columns(batch.members, behaviour, batch.step)
+        output.update(columns)
+        metrics, k = self._metrics["train"], self.num_generations
+        for key, value in plan_metrics(batch.plan, k, batch.step, self.sample_buffer).items():
+            if key != "buffer/external_share" or self.args.external_completions_column:
+                metrics[key].append(value)
+        if self.history_per_group:
+            metrics["buffer/history_per_group"].append(float(batch.num_historical))
+        metrics["buffer/fresh_reward"].append(fresh_reward(batch.plan, k, batch.rewards_per_func, self.reward_weights))
+        self.buffer_stats["historical_rows"] += sum(len(p.historical) for p in batch.plan)
+        self.buffer_stats["external_rows"] += sum(int(p.external) for p in batch.plan)
+        if any(p.historical for p in batch.plan):
+            # the pre-update policy θ' on every row (no vLLM here, so not π_sampling)
+            self._evict_drifted_and_overused(batch, behaviour, columns)
+        if self.history_per_group:
+            self._store_fresh(batch, columns)
+
+    def _generating_policy_logps(self, output: dict[str, Any]) -> torch.Tensor:
+        """Per-token log-probs of the policy that generated this batch (TRL's sampling or θ' log-probs)."""
         behaviour = output.get("sampling_per_token_logps")
         if behaviour is None:
             behaviour = output.get("old_per_token_logps")
@@ -385,62 +249,53 @@ class BufferMixin:
             with torch.no_grad():
                 behaviour, _, _ = self._get_per_token_logps_and_entropies(
                     self.model,
-                    torch.cat([output["prompt_ids"], completion_ids], dim=1),
+                    torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1),
                     torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1),
-                    width,
+                    output["completion_ids"].size(1),
                     batch_size=self.args.per_device_train_batch_size,
                 )
-        behaviour = behaviour.detach().float().clone()
-        current = behaviour.clone()  # the pre-update policy θ' on every row (no vLLM here, so not π_sampling)
-        lengths = torch.tensor([len(member.completion_ids) for member in rnd.members], device=device)
-        behaviour[torch.arange(width, device=device).unsqueeze(0) >= lengths.unsqueeze(1)] = 0.0
-        staleness = torch.zeros(n, dtype=torch.long, device=device)
-        for i, member in enumerate(rnd.members):
-            if member.kind == FRESH:
-                continue
-            if member.kind == HISTORICAL:
-                staleness[i] = rnd.step - member.step
-            logps = member.logps if member.logps is not None else [float("nan")] * len(member.completion_ids)
-            behaviour[i, : len(logps)] = torch.tensor(logps, dtype=torch.float32, device=device)
-        output[BEHAVIOUR_LOGPS] = behaviour
-        output[IS_HISTORICAL] = torch.tensor([member.kind == HISTORICAL for member in rnd.members], device=device)
-        output[IS_EXTERNAL] = torch.tensor([member.kind == EXTERNAL for member in rnd.members], device=device)
-        output[STALENESS] = staleness
+        return behaviour.detach().float()
 
-        # metrics, from the global plan (identical on every process), before the buffer changes
-        k, plan = self.num_generations, rnd.plan
-        rows = len(plan) * k
-        num_hist = sum(len(p.historical) for p in plan)
-        num_ext = sum(int(p.external) for p in plan)
-        self.buffer_stats["historical_rows"] += num_hist
-        self.buffer_stats["external_rows"] += num_ext
+    def _evict_drifted_and_overused(self, batch: MixedBatch, current: torch.Tensor, columns: dict) -> None:
+        """Measure each historical member's drift, count its use, and evict those over ``buffer_max_drift`` or
+        ``buffer_max_reuse`` for later groups. The drifts are gathered so every process evicts the same."""
+        from accelerate.utils import gather_object
+
+        drifts = gather_object(member_drifts(batch.members, current, columns[BEHAVIOUR_LOGPS]))
+        metrics, max_drift = self._metrics["train"], self.args.buffer_max_drift
+        metrics["buffer/mean_drift"].append(sum(d for _, d in drifts) / len(drifts))
+        drifted = self.sample_buffer.evict([uid for uid, d in drifts if max_drift and d > max_drift])
+        used = [uid for p in batch.plan for uid in p.historical if uid in self.sample_buffer]
+        overused = self.sample_buffer.record_uses(used, self.args.buffer_max_reuse)
+        self.buffer_stats["drift_evicted"] += len(drifted)
+        self.buffer_stats["reuse_evicted"] += len(overused)
+        metrics["buffer/drift_evicted"].append(float(len(drifted)))
+        metrics["buffer/reuse_evicted"].append(float(len(overused)))
+
+    def _store_fresh(self, batch: MixedBatch, columns: dict) -> None:
+        """Store the fresh samples of every process, in process order, so the buffer is the same everywhere."""
+        from accelerate.utils import gather_object
+
+        start = self.accelerator.process_index * len(batch.members)
+        rewards, behaviour = batch.rewards_per_func.detach().cpu(), columns[BEHAVIOUR_LOGPS]
+        records = [
+            (member.key, member.completion_ids, member.completion, rewards[start + i].tolist(),
+             behaviour[i, : len(member.completion_ids)].cpu())
+            for i, member in enumerate(batch.members)
+            if member.kind == FRESH
+        ]  # fmt: skip
+        for key, ids, completion, sample_rewards, logps in gather_object(records):
+            self.sample_buffer.add(key, ids, completion, sample_rewards, logps, batch.step)
+        self.sample_buffer.evict_over_capacity()
+        self._metrics["train"]["buffer/size"].append(float(len(self.sample_buffer)))
+
+    def _count_generated(self, completion_ids, tool_mask) -> None:
+        """Log the tokens the policy generated in this call (all processes), and their running total."""
+        lengths = generated_lengths(completion_ids, tool_mask)
+        local = torch.tensor([float(sum(lengths)), float(len(lengths))], device=self.accelerator.device)
+        tokens, rows = self.accelerator.reduce(local, reduction="sum").tolist()
+        self.buffer_stats["generated_tokens"] += int(tokens)
+        self.buffer_stats["generated_rows"] += int(rows)
         metrics = self._metrics["train"]
-        metrics["buffer/historical_share"].append(num_hist / rows)
-        if self.args.external_completions_column:
-            metrics["buffer/external_share"].append(num_ext / rows)
-        metrics["buffer/equalised_members"].append(float(sum(p.cut for p in plan)))
-        if self.history_per_group:
-            metrics["buffer/history_per_group"].append(float(rnd.num_historical))
-        if num_hist:
-            stale = [rnd.step - self.sample_buffer[uid].step for p in plan for uid in p.historical]
-            metrics["buffer/mean_staleness"].append(sum(stale) / len(stale))
-            self._evict_drifted_and_overused(rnd, current, behaviour)
-        total = aggregate_rewards(rnd.rewards_per_func.detach().float().cpu(), self.reward_weights.detach().cpu())
-        fresh_global = torch.tensor([pos < p.num_fresh(k) for p in plan for pos in range(k)])
-        metrics["buffer/fresh_reward"].append(torch.nanmean(total[fresh_global]).item())
-
-        if self.history_per_group:  # store the fresh samples of every process, in process order
-            from accelerate.utils import gather_object
-
-            start = self.accelerator.process_index * n
-            rewards = rnd.rewards_per_func.detach().cpu()
-            records = [
-                (member.key, member.completion_ids, member.completion, rewards[start + i].tolist(),
-                 behaviour[i, : len(member.completion_ids)].cpu())
-                for i, member in enumerate(rnd.members)
-                if member.kind == FRESH
-            ]  # fmt: skip
-            for key, ids, completion, sample_rewards, logps in gather_object(records):
-                self.sample_buffer.add(key, ids, completion, sample_rewards, logps, rnd.step)
-            self.sample_buffer.evict_over_capacity()
-            metrics["buffer/size"].append(float(len(self.sample_buffer)))
+        metrics["buffer/generated_tokens"].append(tokens)
+        metrics["buffer/generated_tokens_total"] = [float(self.buffer_stats["generated_tokens"])]

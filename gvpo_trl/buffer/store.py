@@ -76,8 +76,15 @@ class SampleBuffer:
             logps = torch.as_tensor(logps, dtype=torch.float32).detach().cpu().reshape(-1)
             if logps.numel() != len(completion_ids):
                 raise ValueError(f"{logps.numel()} log-probs for {len(completion_ids)} completion tokens")
-        sample = Sample(self.next_uid, key, list(map(int, completion_ids)), completion, list(map(float, rewards)),
-                        logps, int(step))  # fmt: skip
+        sample = Sample(
+            uid=self.next_uid,
+            key=key,
+            completion_ids=list(map(int, completion_ids)),
+            completion=completion,
+            rewards=list(map(float, rewards)),
+            logps=logps,
+            step=int(step),
+        )
         self._entries[sample.uid] = sample
         self._by_key.setdefault(key, []).append(sample.uid)
         self.next_uid += 1
@@ -146,8 +153,9 @@ class SampleBuffer:
         self._entries.clear()
         self._by_key.clear()
         for d in state["samples"]:
-            sample = Sample(d["uid"], d["key"], list(d["completion_ids"]), d["completion"], list(d["rewards"]),
-                            d["logps"], d["step"], int(d.get("uses", 0)))  # fmt: skip
+            sample = Sample(uid=d["uid"], key=d["key"], completion_ids=list(d["completion_ids"]),
+                            completion=d["completion"], rewards=list(d["rewards"]), logps=d["logps"], step=d["step"],
+                            uses=int(d.get("uses", 0)))  # fmt: skip
             self._entries[sample.uid] = sample
             self._by_key.setdefault(sample.key, []).append(sample.uid)
         self.next_uid = int(state["next_uid"])

@@ -20,17 +20,17 @@ from transformers import TrainerCallback  # noqa: E402
 
 from gvpo_trl import GVPOConfig, GVPOTrainer  # noqa: E402
 from gvpo_trl.buffer import HISTORICAL  # noqa: E402
-from gvpo_trl.toy import repeat_letter_reward  # noqa: E402
+from gvpo_trl.demo.toy import repeat_letter_reward  # noqa: E402
 
 
 class Recording(GVPOTrainer):
-    def _plan_round(self, rnd, prompts):
-        super()._plan_round(rnd, prompts)
+    def _plan(self, rnd, prompts):
+        super()._plan(rnd, prompts)
         plan = [[p.key, list(p.historical), p.external, p.cut] for p in rnd.plan]
         self.rec.append({"step": rnd.step, "plan": plan, "kinds": [m.kind for m in rnd.members]})
 
-    def _finish_round(self, rnd, output):
-        super()._finish_round(rnd, output)
+    def _finish_mixed_batch(self, rnd, output):
+        super()._finish_mixed_batch(rnd, output)
         self.rec[-1]["digest"] = self.sample_buffer.digest()
         self.rec[-1]["hist_ids"] = [m.completion_ids for m in rnd.members if m.kind == HISTORICAL]
 

@@ -43,7 +43,7 @@ def unique_prompt_dataset(num_prompts: int, seed: int = 0):
     """Prompts ``"xyz:"`` (first letter to repeat + 2 distractors), all distinct, so a prompt names its group."""
     from datasets import Dataset
 
-    from gvpo_trl.toy import LETTERS
+    from gvpo_trl.demo.toy import LETTERS
 
     prompts = ["".join(c) + ":" for c in itertools.product(LETTERS, repeat=3)]
     random.Random(seed).shuffle(prompts)
@@ -215,7 +215,7 @@ def run_one(spec: dict, model_path: str, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     cls = recording_class(trainer_cls, spec.get("record_tensors", 0), spec.get("mutant"))
     extra = {"rollout_func": deterministic_rollout} if spec.get("rollout") == "deterministic" else {}
-    from gvpo_trl.toy import repeat_letter_reward
+    from gvpo_trl.demo.toy import repeat_letter_reward
 
     trainer = cls(
         model=model_path,

