@@ -1,6 +1,6 @@
 """Generation throughput and step time of TRL's two CPU generators, HF ``generate`` and transformers' continuous
 batching (``use_transformers_continuous_batching``), for TRL's ``GRPOTrainer`` and each gvpo-trl trainer, plain and
-with the mixed buffer, on SmolLM2-135M-Instruct (materialised offline by ``gvpo_trl.smollm2``).
+with the mixed buffer, on SmolLM2-135M-Instruct (materialised offline by ``gvpo_trl.demo.smollm2``).
 
 Every arm runs in this one process, in turn, from the same weights, on the same prompts and settings: ``--batch``
 completions per step (``--batch / --k`` prompts × ``--k``), one generation per optimizer step
@@ -56,8 +56,8 @@ def run_arm(trainer_name: str, generator: str, buffer: bool, args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     import gvpo_trl
-    from gvpo_trl.chat_tasks import addition_reward, build_datasets
-    from gvpo_trl.smollm2 import materialize_smollm2
+    from gvpo_trl.demo.chat_tasks import addition_reward, build_datasets
+    from gvpo_trl.demo.smollm2 import materialize_smollm2
 
     if trainer_name == "grpo":
         config_cls, trainer_cls = GRPOConfig, GRPOTrainer

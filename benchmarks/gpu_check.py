@@ -2,8 +2,8 @@
 settings, with and without the mixed buffer. Prepared for a lent GPU machine; nothing in CI needs it.
 
 No hub, no vLLM, no SmolLM2: it builds a randomly initialised Llama of about 0.5B parameters (1024 hidden, 26 layers,
-4608 MLP) in bf16 with the toy character tokenizer of ``gvpo_trl.toy`` in a local folder, and trains each arm on the
-toy task from the same weights: ``--batch`` completions per micro-step (``--batch / --k`` prompts × k),
+4608 MLP) in bf16 with the toy character tokenizer of ``gvpo_trl.demo.toy`` in a local folder, and trains each arm on
+the toy task from the same weights: ``--batch`` completions per micro-step (``--batch / --k`` prompts × k),
 ``steps_per_generation=2``, ``--steps`` optimizer steps, HF ``generate`` of up to ``--max_completion_length``
 tokens. Per arm (all in this process, one after another): mean seconds per optimizer step after the first
 generation (``--warmup`` steps left out), seconds in generation, completion tokens generated, and
@@ -44,7 +44,7 @@ def build_model(path: Path, layers: int, hidden: int, mlp: int) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gvpo_trl.toy import build_tokenizer
+    from gvpo_trl.demo.toy import build_tokenizer
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def run_arm(name: str, buffer: bool, model_path: str, args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     import gvpo_trl
-    from gvpo_trl.toy import build_dataset, repeat_letter_reward
+    from gvpo_trl.demo.toy import build_dataset, repeat_letter_reward
 
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if name == "grpo" else gvpo_trl.TRAINERS[name]
     cuda = torch.cuda.is_available()

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gvpo_trl.toy import LETTERS
+from gvpo_trl.demo.toy import LETTERS
 from tests.distributed.harness import REPO, free_port, launch, launch_env
 from tests.helpers import tiny_model_path
 from tests.vllm_standin.engine import Engine, Sampling, processed_logits

@@ -37,7 +37,7 @@ from helpers import cpu_args, tiny_model_path  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from gvpo_trl import TRAINERS  # noqa: E402
-from gvpo_trl.toy import repeat_letter_reward  # noqa: E402
+from gvpo_trl.demo.toy import repeat_letter_reward  # noqa: E402
 
 
 def trainer_classes(algorithm: str):
