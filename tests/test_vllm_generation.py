@@ -141,7 +141,7 @@ def standin_server(dtype: str = "auto"):
         proc.wait()
 
 
-def launch_runs(tmp_path, mode, names, num_processes=1, server_url=None, steps=STEPS, **extra_args):
+def launch_runs(tmp_path, mode, names, num_processes=1, server_url=None, steps=STEPS, prompts=PROMPTS, **extra_args):
     runs = []
     for name in names:
         run = {"name": name, "mode": mode, "algorithm": RUNS[name]["algorithm"],
@@ -150,7 +150,7 @@ def launch_runs(tmp_path, mode, names, num_processes=1, server_url=None, steps=S
             run.update(server_url=server_url, group_port=free_port())
         runs.append(run)
     config = None if num_processes == 1 else "cpu_ddp_2proc.yaml"
-    done = launch(f"vllm-{mode}-{num_processes}p", {"runs": runs, "prompts": PROMPTS}, tmp_path, num_processes,
+    done = launch(f"vllm-{mode}-{num_processes}p", {"runs": runs, "prompts": prompts}, tmp_path, num_processes,
                   config, script=WORKER, timeout=900)  # fmt: skip
     return {
         name: [json.loads((done.out_dir / name / f"rank{p}.json").read_text()) for p in range(num_processes)]
@@ -166,8 +166,8 @@ def logged(record, key):
     return {entry["step"]: entry[key] for entry in record["log_history"] if key in entry}
 
 
-def check_common(name, ranks, exact_logps, steps=STEPS):
-    """What holds for every trainer, mode and process count."""
+def check_common(name, ranks, exact_logps, steps=STEPS, per_prompt=K):
+    """What holds for every trainer, mode and process count (``per_prompt``: completions asked per prompt)."""
     for rec in ranks:
         assert rec["world"] == len(ranks)
         expected = list(range(steps)) if name == "gpg" else list(range(0, steps, 4))
@@ -178,7 +178,7 @@ def check_common(name, ranks, exact_logps, steps=STEPS):
             assert s["names_match"] and s["max_diff"] == 0.0, (name, s)  # the served weights are the policy's
         assert rec["syncs"][-1]["moved"] > 1e-3, name  # ... which trained: the syncs carried new weights
         for gen in rec["generations"]:
-            assert gen["num_generations"] == K and gen["num_prompts"] % K == 0, (name, gen)  # whole groups
+            assert gen["num_generations"] == per_prompt and gen["num_prompts"] % K == 0, (name, gen)  # whole groups
         for rnd in rec["rounds"]:
             assert rnd["rows"] % K == 0
             if exact_logps:  # fp32 stand-in: vLLM's sampling log-probs are the trainer's own

@@ -8,12 +8,15 @@ runs as written; this script only observes it and records, per run and rank, in 
   initial weights;
 - ``generations``: each ``VLLMGeneration.generate`` call: step, number of prompts, ``num_generations``, tokens;
 - ``rounds``: each training generation batch: the largest |vLLM sampling log-prob − TRL's recomputed rollout
-  log-prob| over completion tokens, the range of TRL's ``importance_sampling_ratio``, the member kinds (buffer);
+  log-prob| over completion tokens, the range of TRL's ``importance_sampling_ratio``; with the mixed buffer, which
+  rows are historical, the ratio's range on them, and how far TRL's sampling log-probs of those rows are from the
+  buffer's behaviour column;
 - ``micro_steps``: each loss call: the local group ids, the loss, and the loss recomputed without TRL's
   ``importance_sampling_ratio`` (so the test sees whether the trainer applies it);
 - ``log_history`` and, when the spec asks, the stand-in's generated-token count (server mode).
 
-Then ``OUT_DIR/done.rank{p}``. Nothing here asserts. A run's ``resume`` (a checkpoint path) resumes from it.
+Then ``OUT_DIR/done.rank{p}``. Nothing here asserts. A run's ``resume`` (a checkpoint path) resumes from it; a run's
+``prompts`` replace the spec's.
 """
 
 from __future__ import annotations
@@ -105,7 +108,13 @@ def recording(cls):
                 if ratio is not None:
                     entry["is_ratio"] = [ratio.min().item(), ratio.max().item()]
                 if "is_historical" in output:
-                    entry["historical"] = output["is_historical"].tolist()
+                    hist = output["is_historical"].bool()
+                    entry["historical"] = hist.tolist()
+                    if hist.any() and ratio is not None:
+                        entry["is_ratio_historical"] = [ratio[hist].min().item(), ratio[hist].max().item()]
+                    if hist.any() and sampled is not None:  # TRL got the stored behaviour log-probs as vLLM's
+                        stored = output["behaviour_per_token_logps"]
+                        entry["historical_logp_max_diff"] = (sampled - stored)[hist][mask[hist]].abs().max().item()
                 self.rec["rounds"].append(entry)
             return output
 
@@ -144,6 +153,8 @@ def train(run: dict, prompts: list[str], out_dir: Path) -> None:
     instrument(trainer, trainer.rec)
     trainer.train(resume_from_checkpoint=run.get("resume"))
     record = {"world": trainer.accelerator.num_processes, **trainer.rec, "log_history": trainer.state.log_history}
+    if hasattr(trainer, "buffer_stats"):
+        record["buffer_stats"] = trainer.buffer_stats
     if run["mode"] == "server" and trainer.accelerator.is_main_process:
         client = trainer.vllm_generation.vllm_client
         record["server_stats"] = client.session.get(f"{client.base_url}/standin/stats").json()
@@ -156,7 +167,7 @@ def main(spec_path: str, out_dir: str) -> None:
     for run in spec["runs"]:
         path = Path(out_dir) / run["name"]
         path.mkdir(parents=True, exist_ok=True)
-        train(run, spec["prompts"], path)
+        train(run, run.get("prompts", spec["prompts"]), path)
     rank = int(os.environ.get("RANK", "0"))
     (Path(out_dir) / f"done.rank{rank}").write_text("ok")
 
