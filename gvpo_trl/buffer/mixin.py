@@ -98,9 +98,10 @@ class BufferMixin:
 
     def _image_refusal(self) -> str:
         return (
-            f"{type(self).__name__}: the mixed buffer does not support image inputs yet (a stored completion would "
-            "have to be replayed with its images). Turn the buffer off (buffer_history_per_group=0, no "
-            "external_completions_column) to train on images."
+            f"{type(self).__name__}: the mixed buffer does not support image inputs yet: it is keyed by the prompt's "
+            "text, which does not identify the prompt's images, so one prompt's history could be reused for another's "
+            "pictures. Turn the buffer off (buffer_history_per_group=0, no external_completions_column) to train on "
+            "images."
         )
 
     # --- seams ---
@@ -131,7 +132,7 @@ class BufferMixin:
             output = super()._generate([prompts[i] for i in fresh])
         prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = output
         if images is not None or any(tool_images or []):
-            raise RuntimeError(f"{type(self).__name__}: image outputs with the mixed buffer on (it refuses images).")
+            raise ValueError(self._image_refusal())  # e.g. a tool that returned images
         self._count_generated(completion_ids, tool_mask)
         prompt_ids, completion_ids, completions, logprobs = splice_completions(
             batch.members, prompt_ids, completion_ids, completions, logprobs, self.num_generations
