@@ -207,3 +207,39 @@ def test_rollout_func_with_the_buffer_resumes_exactly(tmp_path, monkeypatch):
     assert all(math.isfinite(x) for x in losses)
     for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+# --- image prompts ----------------------------------------------------------------------------------------------------
+
+
+def test_prompt_key_tells_images_apart_by_their_pixels():
+    from PIL import Image
+
+    from gvpo_trl.buffer import prompt_key
+
+    def prompt(colour):
+        return [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (4, 4), colour)},
+                                             {"type": "text", "text": "what colour?"}]}]  # fmt: skip
+
+    assert prompt_key(prompt((255, 0, 0))) == prompt_key(prompt((255, 0, 0)))  # two objects, the same pixels
+    assert prompt_key(prompt((255, 0, 0))) != prompt_key(prompt((0, 255, 0)))  # the same text, other pixels
+
+
+def test_image_prompts_reuse_history_with_their_own_images(tmp_path):
+    from tests.test_trl_parity import _check_rows_keep_their_images, _image_dataset, _varied_reward
+    from tests.tiny_models import build_tiny_qwen2_vl, tiny_qwen2_vl_processor
+
+    path = build_tiny_qwen2_vl()
+    config_cls, trainer_cls = TRAINERS["gvpo"]
+    args = cpu_args(config_cls, tmp_path, max_steps=4, per_device_train_batch_size=4, steps_per_generation=2,
+                    num_generations=2, max_completion_length=6, buffer_history_per_group=1,
+                    buffer_max_staleness=8)  # fmt: skip
+    trainer = start(recording(trainer_cls)(model=path, reward_funcs=_varied_reward, args=args,
+                                           train_dataset=_image_dataset(4),  # 4 groups per batch: all 4 prompts
+                                           processing_class=tiny_qwen2_vl_processor(path)))  # fmt: skip
+    trainer.train()
+    assert fresh_per_batch(trainer) == [8, 4]  # the second batch reuses one member per group
+    _check_rows_keep_their_images(trainer, trainer.seen, k=2)  # reused rows too carry their own prompt's image
+    for batch in trainer.batches:
+        for member in batch["members"]:
+            assert "sha256:" in member.key  # the image is part of the key

@@ -5,8 +5,8 @@
   and environment state narrowed to them: ``row_state``) and splices the stored completions (and external ones), with
   their tool masks and rollout-function fields, into the other rows, so the rest of TRL's pipeline (padding,
   θ'/reference log-probs under the pre-update policy, reward calls, metrics) runs unchanged on whole groups; this
-  holds for every generator (HF ``generate``, continuous batching, vLLM colocate and server), tools, environments
-  and ``rollout_func``;
+  holds for every generator (HF ``generate``, continuous batching, vLLM colocate and server), tools, environments,
+  ``rollout_func`` and image prompts (a prompt's images are part of its key, and every row keeps its own);
 - ``_generate_single_turn``: asks the generator for one completion per fresh row (vLLM's server mode would otherwise
   generate ``num_generations`` per prompt);
 - ``_calculate_rewards``: scores only the rows that need it, reusing the stored rewards of historical rows
@@ -93,15 +93,12 @@ class BufferMixin:
         for col in (column, logps_column):
             if col and names is not None and col not in names:
                 raise ValueError(f"{name}: the train dataset has no column {col!r} (columns: {names}).")
-        if names is not None and {"image", "images"} & set(names):
-            raise ValueError(self._image_refusal())
 
-    def _image_refusal(self) -> str:
+    def _tool_image_refusal(self) -> str:
         return (
-            f"{type(self).__name__}: the mixed buffer does not support image inputs yet: it is keyed by the prompt's "
-            "text, which does not identify the prompt's images, so one prompt's history could be reused for another's "
-            "pictures. Turn the buffer off (buffer_history_per_group=0, no external_completions_column) to train on "
-            "images."
+            f"{type(self).__name__}: a tool returned images, which the mixed buffer does not store (a reused member "
+            "would lose them). Turn the buffer off (buffer_history_per_group=0, no external_completions_column) for "
+            "tools that return images."
         )
 
     # --- seams ---
@@ -109,8 +106,6 @@ class BufferMixin:
     def _generate_and_score_completions(self, inputs):
         if not (self._buffer_enabled and self.model.training):
             return super()._generate_and_score_completions(inputs)
-        if "image" in inputs[0] or "images" in inputs[0]:  # a stream shows its columns only here
-            raise ValueError(self._image_refusal())
         self._mixed_batch = MixedBatch(inputs=inputs, step=self.state.global_step)
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -131,8 +126,11 @@ class BufferMixin:
         with rows_of(self, fresh):
             output = super()._generate([prompts[i] for i in fresh])
         prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = output
-        if images is not None or any(tool_images or []):
-            raise ValueError(self._image_refusal())  # e.g. a tool that returned images
+        if any(tool_images or []):
+            raise ValueError(self._tool_image_refusal())
+        # the images of the fresh rows only: None makes TRL take every row's images from its dataset row, and a
+        # reused member's row is a row of its own prompt, whose images are part of the buffer key (prompt_key)
+        images = None
         self._count_generated(completion_ids, tool_mask)
         prompt_ids, completion_ids, completions, logprobs = splice_completions(
             batch.members, prompt_ids, completion_ids, completions, logprobs, self.num_generations

@@ -16,10 +16,19 @@ import torch
 
 
 def prompt_key(prompt: Any) -> str:
-    """The buffer key of a prompt: the text itself, or a canonical JSON dump of a conversational prompt."""
+    """The buffer key of a prompt: the text itself, or a canonical JSON dump of a conversational prompt, in which an
+    image (a PIL image in a content block, as TRL puts a row's images into its prompt) stands for its pixels' digest:
+    two prompts with the same text and different images have different keys, the same image always the same one."""
     if isinstance(prompt, str):
         return prompt
-    return json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=str)
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=_value_key)
+
+
+def _value_key(value: Any) -> str:
+    if all(hasattr(value, attr) for attr in ("mode", "size", "tobytes")):  # a PIL image
+        digest = hashlib.sha256(f"{value.mode}{value.size}".encode() + value.tobytes()).hexdigest()
+        return f"<image {value.mode} {value.size[0]}x{value.size[1]} sha256:{digest}>"
+    return str(value)
 
 
 @dataclass
