@@ -140,7 +140,7 @@ class BufferMixin:
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
         if self._mixed_batch is not None:
-            num_generations = 1  # the fresh rows are whole prompts' worth of rows no more: one completion per row
+            num_generations = 1  # a group's fresh rows are fewer than num_generations: one completion per row
         return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
