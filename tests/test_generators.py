@@ -69,5 +69,5 @@ def test_every_trainer_trains_on_continuous_batching(tmp_path, algorithm, contin
         assert set(Counter(inputs["group_id"]).values()) == {4}  # whole groups in every micro-step
         assert any(any(row) for row in inputs["completion_mask"])
     if algorithm == "gpg":  # β_th resampling rounds generate through continuous batching too
-        rounds = sum(e["gpg/resample_rounds"] for e in logs if "gpg/resample_rounds" in e)
+        rounds = sum(e["dynamic_sampling/rounds"] for e in logs if "dynamic_sampling/rounds" in e)
         assert len(continuous_batching_only) == RUNS["gpg"]["max_steps"] + rounds

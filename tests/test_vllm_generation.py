@@ -193,7 +193,7 @@ def check_common(name, ranks, exact_logps, steps=STEPS, per_prompt=K):
 
 def check_gpg_rounds(ranks):
     """GPG's β_th resampling generates through vLLM inside the step, without a re-sync, on every process alike."""
-    rounds = {step - 1: r for step, r in logged(ranks[0], "gpg/resample_rounds").items()}  # logged after the step
+    rounds = {step - 1: r for step, r in logged(ranks[0], "dynamic_sampling/rounds").items()}  # logged after the step
     calls = [Counter(g["step"] for g in rec["generations"]) for rec in ranks]
     assert all(c == calls[0] for c in calls)  # every process takes the same rounds
     assert {step: n - 1 for step, n in calls[0].items()} == {s: int(r) for s, r in rounds.items()}
