@@ -124,8 +124,12 @@ def test_tools_and_environments_generate_only_fresh_members_and_keep_tool_masks(
             if member.kind == HISTORICAL and member.sample_uid in stored:
                 assert stored[member.sample_uid].tool_mask == mask
         assert any(0 in m.tool_mask for m in batch["members"] if m.kind == HISTORICAL) or batch is trainer.batches[0]
-    if kind == "environment_factory":  # the environments of the fresh rows ran the calls: 2 per batch
-        assert sum(env.count for env in trainer.environments) == 2
+    if kind == "environment_factory":  # the environment of each fresh row ran that row's call, no other one did
+        fresh = [i for i, k in enumerate(trainer.batches[-1]["kinds"]) if k == FRESH]
+        expected = [0] * len(trainer.environments)
+        for j, i in enumerate(fresh):
+            expected[i] = int(j % 2 == 0)  # the generator's j-th row called the tool when j is even
+        assert [env.count for env in trainer.environments] == expected and sum(expected) == 2
 
 
 def test_rescoring_with_environments_is_refused(tmp_path, monkeypatch):
