@@ -13,8 +13,10 @@ import pytest
 
 from tests.test_vllm_generation import check_common, launch_runs, standin_server
 
-#: 8 prompts: every generation batch (32 rows = 8 groups) holds all of them, so the second one reuses history
+#: 8 prompts: every generation batch (32 rows = 8 groups) holds all of them, so the second one reuses history; 16 for
+#: 2 processes (64 rows)
 PROMPTS = ["abc:", "bcd:", "cde:", "def:", "efg:", "fgh:", "gha:", "hab:"]
+PROMPTS_2P = PROMPTS + [p[0] + p[2] + p[1] + ":" for p in PROMPTS]
 BUFFER = {"buffer_history_per_group": 2, "buffer_max_staleness": 16}
 
 
@@ -35,12 +37,10 @@ def check_buffer(name, ranks, server_stats=None):
                 assert rnd["is_ratio_historical"] == [1.0, 1.0]  # no second correction on reused members
                 assert rnd["historical_logp_max_diff"] == 0.0  # their stored behaviour log-probs reached TRL
         assert with_history >= 1, name
-        generated = sum(g["tokens"] for g in rec["generations"])
-        assert rec["buffer_stats"]["generated_tokens"] == generated * len(ranks) or len(ranks) == 1
-        if len(ranks) == 1:
-            assert rec["buffer_stats"]["generated_tokens"] == generated
+    generated = sum(g["tokens"] for rec in ranks for g in rec["generations"])  # what each process received
+    assert all(rec["buffer_stats"]["generated_tokens"] == generated for rec in ranks)  # summed over processes
     if server_stats is not None:  # what the server sampled is what the buffer counted as generated
-        assert server_stats == ranks[0]["buffer_stats"]["generated_tokens"]
+        assert server_stats == generated
 
 
 @pytest.mark.slow
@@ -59,3 +59,15 @@ def test_mixed_buffer_generates_only_fresh_members_through_vllm(tmp_path, mode):
             tokens[name] = records[name][0]["server_stats"]["generated_tokens"]
     for name, ranks in records.items():
         check_buffer(name, ranks, tokens[name])
+
+
+@pytest.mark.distributed
+def test_mixed_buffer_through_a_vllm_server_with_two_processes(tmp_path):
+    # the plan equalises fresh rows over the processes, as TRL's server mode needs (each process takes its slice of
+    # the main process's request by position)
+    with standin_server() as url:
+        records = launch_runs(tmp_path, "server", ["gvpo"], num_processes=2, server_url=url, prompts=PROMPTS_2P,
+                              **BUFFER)  # fmt: skip
+    ranks = records["gvpo"]
+    check_buffer("gvpo", ranks, ranks[0]["server_stats"]["generated_tokens"])
+    assert [len(rec["generations"]) for rec in ranks] == [2, 2]
