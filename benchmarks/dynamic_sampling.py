@@ -5,9 +5,10 @@ GRPOTrainer on identical settings.
 Arms (each in its own subprocess, one after the other, same seed, prompts, batch and learning rate):
 
 - ``grpo``: TRL's ``GRPOTrainer`` (trains on everything it generates: 1.00× by construction, measured anyway);
-- ``gpg``: ``GPGTrainer`` with its defaults (β_th = 0.6, rounds sized from what is missing);
-- ``gpg-whole-rounds``: the same, but every extra round generates a whole generation batch of new prompts, as
-  gvpo-trl did before the frugal sizing (``round_size`` replaced by the batch size; nothing else changes);
+- ``gpg``: ``GPGTrainer`` with its defaults (β_th = 0.6, rounds sized from what is missing, surplus valid groups
+  carried over to the next step);
+- ``gpg-whole-rounds``: the same, but every extra round generates a whole generation batch of new prompts and surplus
+  valid groups are discarded, as gvpo-trl did before (``round_size`` replaced by the batch size, no carry-over);
 - ``gpg-off``: ``GPGTrainer`` with ``min_valid_fraction=0`` (no dynamic sampling);
 - ``gvpo-ds`` / ``gspo-ds``: GVPO and GSPO with ``min_valid_fraction=0.6`` (opt-in).
 
@@ -84,7 +85,8 @@ def run_arm(arm: str, args) -> dict:
 
     algorithm = arm.split("-")[0]
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else gvpo_trl.TRAINERS[algorithm]
-    extra = {"gpg-off": dict(min_valid_fraction=0.0), "gvpo-ds": dict(min_valid_fraction=0.6),
+    extra = {"gpg-off": dict(min_valid_fraction=0.0), "gpg-whole-rounds": dict(dynamic_sampling_carry_over=False),
+             "gvpo-ds": dict(min_valid_fraction=0.6),
              "gspo-ds": dict(min_valid_fraction=0.6)}.get(arm, {})  # fmt: skip
     if arm == "gpg-whole-rounds":  # the sizing gvpo-trl had before: every extra round is a whole batch
         dynamic_sampling.round_size = lambda missing, valid, seen, procs, max_groups: max_groups

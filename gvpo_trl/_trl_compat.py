@@ -1,18 +1,21 @@
 """Every TRL internal that gvpo-trl relies on, in one place.
 
 TRL reshapes ``GRPOTrainer``'s private methods between minor releases. The trainers here override a few narrow
-seams and call ``super()``; this module names those seams and the attributes we read, checks the installed TRL at
-import time, and ``tests/test_trl_compat.py`` checks each item so that a TRL upgrade that changes them fails loudly.
+seams and call ``super()``; this module names those seams and the attributes we read. ``import gvpo_trl`` warns when
+the installed TRL is outside the tested range (the ``trl`` requirement in ``pyproject.toml``, read by
+:func:`supported_trl`), naming the seams that changed (:func:`missing_internals`); ``gvpo-trl compat`` prints the
+same report, and ``tests/test_trl_compat.py`` checks each item, also against the live objects.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
+from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-
-#: The TRL versions the test-suite passes on (keep in step with ``pyproject.toml``).
-SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [min, max)
 
 #: Multimodal keys of the generation output (vision-language models), forwarded by our loss seam to
 #: ``_get_per_token_logps_and_entropies`` as TRL's own ``_compute_loss`` does. ``pixel_values`` and the per-image
@@ -45,12 +48,16 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
     # called via super(); returns rewards of shape (global batch, num reward funcs), gathered over processes in process
     # order; the mixed buffer also calls it on a subset of rows
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    # called via super(); returns (prompt_ids, images, multimodal_fields): the prompt lengths are checked against the
+    # model's positions, and the per-row images of a batch mixing image and text-only prompts get [] for None
+    "_tokenize_prompts": ("self", "prompts"),
     # called via super(); shuffles and splits the generation batch into ``self._buffered_inputs``, which we regroup
     "_prepare_inputs": ("self", "generation_batch"),
     # replaced: the loss seam that ``compute_loss`` calls
     "_compute_loss": ("self", "model", "inputs"),
-    # called: per-token log-probs of the completion tokens, the MoE router loss (compute_aux_loss) and, by keyword, the
-    # multimodal inputs of MULTIMODAL_FORWARD_KEYS
+    # called, and overridden: per-token log-probs of the completion tokens, the MoE router loss (compute_aux_loss) and,
+    # by keyword, the multimodal inputs of MULTIMODAL_FORWARD_KEYS; a batch mixing image and text-only rows is passed
+    # on chunk by chunk (gvpo_trl.image_chunks). Returns (logps, entropies or None, aux loss or None)
     "_get_per_token_logps_and_entropies": (
         "self",
         "model",
@@ -73,7 +80,15 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
     "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
     # transformers' Trainer, called via super() before each optimizer step: the global gradient norm, checked
     "_get_grad_norm": ("self", "model", "grad_norm"),
+    # called via super() (at each checkpoint, before the checkpoint is written, and by push_to_hub): writes README.md
+    # in args.output_dir from the class attributes GRPO_CARD_ATTRIBUTES; gvpo_trl.model_card adds to that file
+    "create_model_card": ("self", "model_name", "dataset_name", "tags"),
 }
+
+#: Class attributes of ``GRPOTrainer`` that its model card is written from, set by each trainer here (``_paper`` is a
+#: dict with the keys of GRPO_PAPER_KEYS).
+GRPO_CARD_ATTRIBUTES = ("_name", "_paper", "_tag_names")
+GRPO_PAPER_KEYS = ("title", "id", "citation")
 
 #: Keys of the dict returned by ``_generate_and_score_completions`` that we read.
 GRPO_OUTPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
@@ -111,7 +126,7 @@ GRPO_ATTRIBUTES = (
     "aux_loss_enabled",  # MoE: whether the loss adds router_aux_loss_coef × the router load-balancing loss
     "router_aux_loss_coef",  # the config's value, or the architecture's own when the config leaves it None
     "tools",  # the mixed buffer refuses buffer_rescore with environments (their state is per rollout)
-    "rollout_func",
+    "rollout_func",  # wrapped at construction: its completions are checked before TRL decodes them
     "environment_factories",
     "processing_class",
     "train_dataset",
@@ -189,19 +204,61 @@ def refuse_unused_grpo_fields(config, names: tuple[str, ...], why: str) -> None:
         )
 
 
-def check_trl_version(version: str | None = None) -> None:
-    """Raise ``ImportError`` unless the installed (or given) TRL version is in ``SUPPORTED_TRL``."""
+class UntestedTRLWarning(UserWarning):
+    """The installed TRL is outside the range gvpo-trl is tested on."""
+
+
+def supported_trl() -> SpecifierSet:
+    """The TRL versions gvpo-trl is tested on: the ``trl`` requirement of ``pyproject.toml``, the one place it is
+    written. Read from the source tree when gvpo-trl runs from one (a clone, an editable install), else from the
+    installed distribution's metadata, which pip built from that file."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    requirements = None
+    if pyproject.is_file():
+        import tomllib
+
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+        if project.get("name") == "gvpo-trl":
+            requirements = project.get("dependencies", [])
+    if requirements is None:
+        from importlib.metadata import requires
+
+        requirements = requires("gvpo-trl") or []
+    for line in requirements:
+        requirement = Requirement(line)
+        if requirement.name == "trl" and requirement.marker is None:
+            return requirement.specifier
+    raise RuntimeError("gvpo-trl's requirements name no trl range (pyproject.toml: [project] dependencies).")
+
+
+def trl_version_problem(version: str | None = None) -> str | None:
+    """Why the installed (or given) TRL version is untested, with the seams of the installed TRL that changed (see
+    :func:`missing_internals`); None inside the tested range."""
     if version is None:
         import trl
 
         version = trl.__version__
-    low, high = SUPPORTED_TRL
-    if not low <= Version(version) < high:
-        raise ImportError(
-            f"gvpo-trl supports trl>={low},<{high} but trl {version} is installed: GRPOTrainer's internals that "
-            f"gvpo-trl overrides (see gvpo_trl/_trl_compat.py) change between TRL releases. "
-            f'Install a supported version, e.g. `pip install "trl>={low},<{high}"`.'
-        )
+    tested = supported_trl()
+    if tested.contains(Version(version), prereleases=True):
+        return None
+    changed = missing_internals()
+    found = (
+        "These internals it relies on changed: " + "; ".join(changed) + "."
+        if changed
+        else "Every internal it checks without training is still there; behaviour can still differ."
+    )
+    return (
+        f"gvpo-trl is tested with trl{tested} but trl {version} is installed. {found} Run `gvpo-trl compat` for the "
+        f'report and `make check-trl TRL={version}` for the tests, or install a tested TRL: pip install "trl{tested}".'
+    )
+
+
+def check_trl_version(version: str | None = None) -> None:
+    """Warn (:class:`UntestedTRLWarning`) when the installed (or given) TRL is outside the tested range: gvpo-trl
+    overrides a few ``GRPOTrainer`` internals, which TRL may change between releases."""
+    problem = trl_version_problem(version)
+    if problem:
+        warnings.warn(problem, UntestedTRLWarning, stacklevel=2)
 
 
 def missing_internals() -> list[str]:
@@ -220,6 +277,10 @@ def missing_internals() -> list[str]:
         params = tuple(inspect.signature(method).parameters)
         if params[: len(expected)] != expected:
             problems.append(f"GRPOTrainer.{name}{params} no longer starts with {expected}")
+    problems += [f"GRPOTrainer.{name} is missing" for name in GRPO_CARD_ATTRIBUTES if not hasattr(GRPOTrainer, name)]
+    paper = getattr(GRPOTrainer, "_paper", None)
+    if isinstance(paper, dict) and not set(GRPO_PAPER_KEYS) <= set(paper):
+        problems.append(f"GRPOTrainer._paper has keys {sorted(paper)}, not {list(GRPO_PAPER_KEYS)}")
     from trl.trainer import utils as trl_utils
 
     problems += [f"trl.trainer.utils.{name} is missing" for name in TRL_UTILS if not hasattr(trl_utils, name)]

@@ -50,6 +50,33 @@ def run_identity(trainer: Any) -> dict[str, Any]:
     return identity
 
 
+#: The most bytes a run identity file may have (it holds a dozen settings).
+MAX_RUN_FILE_BYTES = 64 * 1024
+
+
+def _clip(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_run_identity(path: str) -> dict[str, Any]:
+    """The run identity stored at ``path``; ``ValueError`` unless it is a small JSON object of settings (strings,
+    numbers, booleans, null, or flat lists of those)."""
+    size = os.path.getsize(path)
+    if size > MAX_RUN_FILE_BYTES:
+        raise ValueError(f"{size} bytes, more than a run identity holds ({MAX_RUN_FILE_BYTES})")
+    with open(path) as f:
+        saved = json.load(f)
+    if not isinstance(saved, dict):
+        raise ValueError(f"a JSON {type(saved).__name__}, not an object of settings")
+    scalar = (str, int, float, bool, type(None))
+    for key, value in saved.items():
+        if not isinstance(value, scalar) and not (
+            isinstance(value, list) and all(isinstance(v, scalar) for v in value)
+        ):
+            raise ValueError(f"the setting {_clip(key, 40)!r} holds a {type(value).__name__} of nested values")
+    return saved
+
+
 def write_run_identity(folder: str, identity: dict[str, Any]) -> None:
     with open(os.path.join(folder, RUN_FILE), "w") as f:
         json.dump(identity, f, indent=1)
@@ -58,7 +85,7 @@ def write_run_identity(folder: str, identity: dict[str, Any]) -> None:
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"key: checkpoint X, now Y"`` for each setting that differs (keys missing on either side count)."""
     return [
-        f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
+        f"{_clip(key, 60)}: checkpoint {_clip(repr(saved.get(key)))}, now {_clip(repr(current.get(key)))}"
         for key in sorted(set(saved) | set(current))
         if saved.get(key) != current.get(key)
     ]
@@ -76,12 +103,11 @@ def check_resume(checkpoint: str, current: dict[str, Any], name: str) -> None:
         )
         return
     try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as error:
+        saved = read_run_identity(path)
+    except (OSError, ValueError, RecursionError) as error:
         raise ValueError(
-            f"{name}: cannot read {path} ({error}); the checkpoint is damaged. Resume from an earlier checkpoint, or "
-            "start fresh (no resume_from_checkpoint, or a new output_dir)."
+            f"{name}: cannot read {path} ({type(error).__name__}: {_clip(str(error))}); the checkpoint is damaged. "
+            "Resume from an earlier checkpoint, or start fresh (no resume_from_checkpoint, or a new output_dir)."
         ) from None
     differences = identity_differences(saved, current)
     if differences:

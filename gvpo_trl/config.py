@@ -4,7 +4,8 @@ The checks of :meth:`GroupConfig.__post_init__` run in this order, and the order
 
 1. ``scale_rewards`` booleans become strings (TRL accepts ``True``/``False``; every later check compares strings).
 2. Values no run can use: a group of fewer than 2, NaN/∞ floats, lengths and sampling settings
-   (``gvpo_trl.validation``), the dynamic-sampling fields.
+   (``gvpo_trl.validation``, ``gvpo_trl.generation_checks``: greedy sampling, ``generation_kwargs``, step schedules
+   that train nothing), the dynamic-sampling fields.
 3. The algorithm's own checks (:meth:`GroupConfig.validate`, written by each subclass), which may also set fields TRL
    reads next (GVPO sets ``beta`` for ``gvpo_reference='initial'``).
 4. TRL options that the loss seam does not carry over (entropy terms, off-policy masking, aggregation).
@@ -24,6 +25,7 @@ from trl import GRPOConfig
 
 from .buffer import BufferArgs, buffer_enabled, check_buffer_config
 from .dynamic_sampling import DynamicSamplingArgs, check_dynamic_sampling_config, dynamic_sampling_enabled
+from .generation_checks import check_sampling_settings, check_schedule
 from .validation import check_finite_fields, check_lengths
 
 
@@ -103,6 +105,8 @@ class GroupConfig(DynamicSamplingArgs, BufferArgs, GRPOConfig):
             )
         check_finite_fields(self, name)
         check_lengths(self, name)
+        check_sampling_settings(self, name)  # config fields and generation_kwargs together
+        check_schedule(self, name)  # steps, epochs, save/log intervals that would train or save nothing
         check_dynamic_sampling_config(self, name)
         self.validate()  # step 3
         refuse_unsupported_grpo_options(self, name)  # step 4

@@ -29,16 +29,21 @@ What it changes in each objective (on by default for GPG, as in its paper; opt-i
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .columns import GROUP_ID, REWARDS
+from ._trl_compat import MULTIMODAL_FORWARD_KEYS
+from .columns import BEHAVIOUR_LOGPS, GROUP_ID, IS_EXTERNAL, IS_HISTORICAL, REWARDS, STALENESS
 from .groups import zero_variance_groups
 from .prompt_stream import ExtraPromptStream, is_stream
 from .rows import concat_generation_outputs, loss_token_count, merge_images, split_images, take_rows
+
+#: File name of the dynamic-sampling state (the carried groups) inside a checkpoint folder.
+STATE_NAME = "gvpo_trl_dynamic_sampling.pt"
 
 
 @dataclass
@@ -57,6 +62,15 @@ class DynamicSamplingArgs:
     max_resample_rounds: int = field(
         default=20,
         metadata={"help": "Most extra generation rounds per generation batch for min_valid_fraction (GPG: 20)."},
+    )
+    dynamic_sampling_carry_over: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep the valid groups a generation batch had no room for (at most one batch) for the next "
+            "generation batch, where they count as valid before any extra round is generated, trained as off-policy "
+            "members (GVPO needs no weights; GPG and GSPO weigh them by the policy that generated them). Unused ones "
+            "are dropped then. Not with image inputs. False discards them (dynamic_sampling/discarded_valid_groups)."
+        },
     )
 
 
@@ -135,6 +149,36 @@ def choose_groups(rounds: list[GenerationRound], num_groups: int) -> list[tuple[
     return chosen
 
 
+def surplus_groups(rounds: list[GenerationRound], chosen: list[tuple[int, torch.Tensor]],
+                   num_groups: int) -> list[tuple[int, torch.Tensor]]:  # fmt: skip
+    """``(round, rows)`` of the valid groups not ``chosen``, earliest first, at most ``num_groups``."""
+    taken = {(r, int(rows[0])) for r, rows in chosen}
+    valid = [(r, rows) for r, rnd in enumerate(rounds) for rows in rnd.valid if (r, int(rows[0])) not in taken]
+    return valid[:num_groups]
+
+
+def with_off_policy_columns(batch: dict[str, Any], off_policy: bool, behaviour: torch.Tensor | None = None) -> dict:
+    """``batch`` with the columns a loss reads for rows of an older policy (``gvpo_trl.columns``): when
+    ``off_policy``, every row is flagged historical with ``behaviour`` as its behaviour log-probs and one more step of
+    staleness; else the columns are added where missing (zeros, not flagged), so that batches can be stacked."""
+    rows, device = batch[GROUP_ID].numel(), batch[GROUP_ID].device
+    out = dict(batch)
+    if off_policy:
+        out[BEHAVIOUR_LOGPS] = behaviour.detach().float()
+        out[IS_HISTORICAL] = torch.ones(rows, dtype=torch.bool, device=device)
+        out[STALENESS] = out.get(STALENESS, torch.zeros(rows, dtype=torch.long, device=device)) + 1
+    else:
+        out.setdefault(BEHAVIOUR_LOGPS, torch.zeros_like(batch["completion_mask"], dtype=torch.float32))
+        out.setdefault(IS_HISTORICAL, torch.zeros(rows, dtype=torch.bool, device=device))
+        out.setdefault(STALENESS, torch.zeros(rows, dtype=torch.long, device=device))
+    out.setdefault(IS_EXTERNAL, torch.zeros(rows, dtype=torch.bool, device=device))
+    return out
+
+
+def _on(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
 def join_groups(rounds: list[GenerationRound], chosen: list[tuple[int, torch.Tensor]], pad_token_id: int) -> dict:
     """The batch of the ``chosen`` groups, re-padded across rounds; image tensors travel with their rows. Its
     ``num_items_in_batch`` is the first round's: the caller recounts it over all processes."""
@@ -190,6 +234,8 @@ class DynamicSampling:
     def __init__(self, trainer):
         self.trainer = trainer
         self._stream: ExtraPromptStream | None = None  # streaming train_dataset: opened at the first extra round
+        self._carried: dict[str, Any] | None = None  # surplus valid groups of the last generation batch (this process)
+        self.surplus = 0
 
     def extra_prompts(self, num_global_groups: int) -> ExtraPrompts:
         trainer, args = self.trainer, self.trainer.args
@@ -207,11 +253,12 @@ class DynamicSampling:
             max_rounds=args.max_resample_rounds, max_groups=num_global_groups, stream=self._stream,
         )  # fmt: skip
 
-    def _global_counts(self, rounds: list[GenerationRound], num_groups: int) -> tuple[int, int]:
+    def _global_counts(self, rounds: list[GenerationRound], fresh: list[int], num_groups: int) -> tuple[int, int]:
         """Valid groups the batch would hold over all processes (``Σ_p min(valid_p, groups per process)``), and
-        valid groups generated over all processes."""
+        valid groups generated in the ``fresh`` rounds (not carried over) over all processes."""
         valid = sum(len(rnd.valid) for rnd in rounds)
-        local = torch.tensor([min(valid, num_groups), valid], device=self.trainer.accelerator.device)
+        generated = sum(len(rounds[i].valid) for i in fresh)
+        local = torch.tensor([min(valid, num_groups), generated], device=self.trainer.accelerator.device)
         kept, seen = self.trainer.accelerator.reduce(local, reduction="sum").tolist()
         return int(kept), int(seen)
 
@@ -224,28 +271,134 @@ class DynamicSampling:
         local_groups = len(inputs) // k
         batch_groups = local_groups * num_processes
         target = valid_target(args.min_valid_fraction, batch_groups)
-        rounds, generated = [GenerationRound.of(first)], batch_groups
-        kept, valid_seen = self._global_counts(rounds, local_groups)
+        rounds, fresh, generated = [GenerationRound.of(first)], [0], batch_groups
+        carried = self._take_carried(first, first_id=batch_groups, num_groups=local_groups)
+        if carried is not None:  # used before any extra round: they count as valid at once
+            rounds.append(GenerationRound.of(carried))
+        next_id = 2 * batch_groups  # group ids stay unique across rounds (the carried ones use the second block)
+        kept, valid_seen = self._global_counts(rounds, fresh, local_groups)
         source = None
-        while kept < target and len(rounds) <= args.max_resample_rounds:
+        while kept < target and len(fresh) - 1 < args.max_resample_rounds:
             size = round_size(target - kept, valid_seen, generated, num_processes, batch_groups)
             source = source or self.extra_prompts(batch_groups)
             output = generate_round([{key: ex[key] for key in columns} for ex in source.take(size)])
-            output[GROUP_ID] = output[GROUP_ID] + generated  # unique across rounds
+            output[GROUP_ID] = output[GROUP_ID] + next_id
+            fresh.append(len(rounds))
             rounds.append(GenerationRound.of(output))
-            generated += size
-            kept, valid_seen = self._global_counts(rounds, local_groups)
-        self._log(rounds, kept, valid_seen, generated - batch_groups, batch_groups)
+            generated, next_id = generated + size, next_id + size
+            kept, valid_seen = self._global_counts(rounds, fresh, local_groups)
+        chosen = choose_groups(rounds, local_groups)
+        self._keep_surplus(rounds, fresh, chosen, local_groups)
+        self._log(rounds, fresh, chosen, kept, generated - batch_groups, batch_groups, carried is not None)
         if len(rounds) == 1:
             return first
+        if carried is not None:  # the other rounds get the off-policy columns too, unflagged, to stack with them
+            rounds = [rnd if i == 1 else GenerationRound(with_off_policy_columns(rnd.output, False), rnd.valid,
+                                                         rnd.zero) for i, rnd in enumerate(rounds)]  # fmt: skip
         pad_id = getattr(trainer.processing_class, "tokenizer", trainer.processing_class).pad_token_id
-        batch = join_groups(rounds, choose_groups(rounds, local_groups), pad_id)
+        batch = join_groups(rounds, chosen, pad_id)
         batch["num_items_in_batch"] = trainer.accelerator.gather(loss_token_count(batch)).sum()
         return batch
 
-    def _log(self, rounds, kept: int, valid_seen: int, extra_groups: int, batch_groups: int) -> None:
+    # --- carry-over ---
+
+    def _carry_enabled(self, output: dict[str, Any]) -> bool:
+        """Carry-over is on, and the batch has no image tensors (whose rows are not kept across steps)."""
+        keys = set(MULTIMODAL_FORWARD_KEYS) - {"token_type_ids"}
+        return self.trainer.args.dynamic_sampling_carry_over and not keys & set(output)
+
+    def _keep_surplus(self, rounds, fresh: list[int], chosen, num_groups: int) -> None:
+        """Keep the valid groups of the fresh rounds that the batch had no room for, with the log-probs of the policy
+        that generated them (computed now, before the optimizer step changes it)."""
+        self._carried, self.surplus = None, 0
+        if not self._carry_enabled(rounds[0].output):
+            return
+        fresh_rounds = [rounds[i] for i in fresh]
+        chosen_fresh = [(fresh.index(r), rows) for r, rows in chosen if r in fresh]
+        parts = [take_rows(fresh_rounds[r].output, rows) for r, rows in surplus_groups(fresh_rounds, chosen_fresh,
+                                                                                        num_groups)]  # fmt: skip
+        self.surplus = len(parts)
+        rows = None
+        if parts:
+            pad_id = getattr(self.trainer.processing_class, "tokenizer", self.trainer.processing_class).pad_token_id
+            rows = concat_generation_outputs(parts, pad_id) if len(parts) > 1 else parts[0]
+        # with the buffer on, its behaviour column already holds the generating policy's log-probs of every row
+        behaviour = rows.get(BEHAVIOUR_LOGPS) if rows is not None else None
+        if BEHAVIOUR_LOGPS not in rounds[0].output:
+            behaviour = self._policy_logps(rows, rounds[0].output)
+        if rows is not None:
+            self._carried = {key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
+                             for key, value in with_off_policy_columns(rows, True, behaviour).items()}  # fmt: skip
+
+    def _policy_logps(self, rows: dict[str, Any] | None, placeholder: dict[str, Any]) -> torch.Tensor | None:
+        """The current policy's per-token log-probs of ``rows``, computed on every process when any process has rows
+        (a forward pass may be collective, as under ZeRO-3): a process without rows runs one row of
+        ``placeholder``."""
+        need = torch.tensor([float(rows is not None)], device=self.trainer.accelerator.device)
+        if self.trainer.accelerator.reduce(need, reduction="sum").item() == 0:
+            return None
+        logps = self.trainer._generating_policy_logps(
+            rows if rows is not None else take_rows(placeholder, torch.tensor([0]))
+        )
+        return logps if rows is not None else None
+
+    def _take_carried(self, first: dict[str, Any], first_id: int, num_groups: int) -> dict[str, Any] | None:
+        """The groups carried over from the previous generation batch, fitted to this one: unique group ids, and
+        TRL's rollout log-probs recomputed under the current policy (the reference model's are unchanged)."""
+        carried, self._carried = self._carried, None
+        fits = carried is not None and self._carry_enabled(first)
+        if fits and set(carried) - {"num_items_in_batch"} != set(with_off_policy_columns(first, False)) - {
+            "num_items_in_batch"
+        }:
+            fits = False  # another layout (a changed configuration): not used
+        carried = _on(carried, first[GROUP_ID].device) if fits else None
+        if carried is not None:
+            local = torch.arange(carried[GROUP_ID].numel(), device=carried[GROUP_ID].device) // self.trainer.group_size
+            carried[GROUP_ID] = first_id + self.trainer.accelerator.process_index * num_groups + local
+        if "old_per_token_logps" in first:  # the same on every process: each runs the forward pass if any needs it
+            strip = ("old_per_token_logps", "sampling_per_token_logps")
+            logps = self._policy_logps(
+                None if carried is None else {key: v for key, v in carried.items() if key not in strip},
+                {key: v for key, v in first.items() if key not in strip},
+            )
+            if carried is not None:
+                carried["old_per_token_logps"] = logps
+        return carried
+
+    def save(self, folder: str) -> None:
+        """Write the carried groups into a checkpoint folder, so that a resumed run uses them as this one would."""
+        torch.save({"version": 1, "carried": self._carried}, os.path.join(folder, STATE_NAME))
+
+    def load(self, checkpoint: str) -> None:
+        """Restore the carried groups from a checkpoint (none when it has no state file: written without carry-over,
+        or by an older gvpo-trl); a damaged file is refused naming it."""
+        path = os.path.join(checkpoint, STATE_NAME)
+        if not os.path.exists(path):
+            self._carried = None
+            return
+        try:
+            state = torch.load(path, weights_only=True)
+            if not isinstance(state, dict) or state.get("version") != 1:
+                raise ValueError(
+                    f"unknown layout (version {state.get('version') if isinstance(state, dict) else None})"
+                )
+        except Exception as error:
+            raise ValueError(
+                f"{type(self.trainer).__name__}: the dynamic-sampling state {path} cannot be read "
+                f"({type(error).__name__}: {str(error).strip()[:160]}); the file is damaged. Resume from an earlier "
+                "checkpoint, or start fresh (no resume_from_checkpoint, or a new output_dir)."
+            ) from error
+        self._carried = state["carried"]
+
+    def _log(self, rounds, fresh, chosen, kept: int, extra_groups: int, batch_groups: int, has_carried: bool) -> None:
+        valid_generated = sum(len(rounds[i].valid) for i in fresh)
+        used_carried = sum(1 for r, _ in chosen if has_carried and r == 1)
+        local = torch.tensor([valid_generated, used_carried, self.surplus], device=self.trainer.accelerator.device)
+        valid_generated, used_carried, surplus = self.trainer.accelerator.reduce(local, reduction="sum").tolist()
         metrics = self.trainer._metrics["train"]
-        metrics["dynamic_sampling/rounds"].append(float(len(rounds) - 1))
+        metrics["dynamic_sampling/rounds"].append(float(len(fresh) - 1))
         metrics["dynamic_sampling/extra_groups"].append(float(extra_groups))
         metrics["dynamic_sampling/batch_valid_fraction"].append(kept / batch_groups)
-        metrics["dynamic_sampling/discarded_valid_groups"].append(float(valid_seen - kept))
+        metrics["dynamic_sampling/carried_groups"].append(float(used_carried))
+        kept_fresh = kept - used_carried
+        metrics["dynamic_sampling/discarded_valid_groups"].append(float(valid_generated - kept_fresh - surplus))

@@ -20,6 +20,7 @@ from ._trl_compat import GRPO_LOSS_FIELDS, refuse_unused_grpo_fields
 from .columns import ADVANTAGES, GROUP_ID, REWARDS, behaviour_logps
 from .config import GroupConfig
 from .groups import group_centred, group_std, sequence_sum, zero_variance_groups
+from .model_card import PAPERS, tag_names
 from .trainer import GroupTrainer
 
 # --- math (pure functions) ---
@@ -197,6 +198,7 @@ class GPGTrainer(GroupTrainer):
 
     config_class = GPGConfig
     metric_prefix = "gpg"
+    _name, _paper, _tag_names = "GPG", PAPERS["gpg"], tag_names("gpg")  # the model card
     needs_behaviour_logps = True  # mixed buffer: a reused member is weighted against its stored log-probs
 
     def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -217,6 +219,8 @@ class GPGTrainer(GroupTrainer):
         metrics = {}
         weights = None
         old, off_policy = behaviour_logps(inputs, per_token_logps)
+        # one decision for all processes (the metric below gathers): one may hold reused or carried rows, another not
+        off_policy = self.accelerator.reduce(torch.tensor([float(off_policy)], device=old.device), "sum").item() > 0
         if off_policy:  # TRL computes old_per_token_logps only when rows may be off-policy; or mixed-buffer rows
             weights = truncated_sequence_importance_weight(per_token_logps, old, mask, self.args.importance_weight_cap)
             metrics["gpg/importance_weight_mean"] = self.gather_rows(weights).mean().item()

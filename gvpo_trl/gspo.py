@@ -19,6 +19,7 @@ import torch
 from .columns import ADVANTAGES, behaviour_logps
 from .config import GroupConfig
 from .groups import group_centred, group_std, sequence_mean, zero_variance_groups
+from .model_card import PAPERS, tag_names
 from .trainer import GroupTrainer
 
 # --- math (pure functions) ---
@@ -223,6 +224,7 @@ class GSPOTrainer(GroupTrainer):
 
     config_class = GSPOConfig
     metric_prefix = "gspo"
+    _name, _paper, _tag_names = "GSPO", PAPERS["gspo"], tag_names("gspo")  # the model card
     needs_behaviour_logps = True  # mixed buffer: s_i of a reused member is taken against its stored log-probs
 
     def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ import warnings
 
 import torch
 
+from .nonfinite_causes import nonfinite_cause
+
 
 def unscorable_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``rewards`` (rows × reward functions) with every non-finite value as NaN (= unscorable), and the mask of the
@@ -27,6 +29,7 @@ class NonFiniteGuards:
     """Mixin for a ``trl.GRPOTrainer`` subclass: the three guards of this module."""
 
     _warned_nonfinite_reward: bool = False
+    _loss_inputs: dict | None = None  # the last micro-step's batch, for naming the cause of a non-finite value
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         raw = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -43,6 +46,7 @@ class NonFiniteGuards:
         return rewards
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._loss_inputs = inputs
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # every process learns whether any loss is non-finite, so that all stop together, before the backward
         bad = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
@@ -65,9 +69,11 @@ class NonFiniteGuards:
         mode = "train" if self.model.training else "eval"
         if mode == "train":
             self.log({f"nonfinite/{what.replace(' ', '_')}": value})
+        cause = nonfinite_cause(self.args, self._loss_inputs)  # a setting or a stored sample, where it is visible
+        generic = ("Look at the last logged metrics (groups/nonfinite_reward_frac, the reward functions' outputs, the "
+                   "learning rate).")  # fmt: skip
+        look = f"Likely cause: {cause}" if cause else generic
         raise FloatingPointError(
             f"{type(self).__name__}: the {what} is {state} (this process: {value}) at step {self.state.global_step} "
-            f"({mode}); stopping before it reaches the parameters. Look at the last logged metrics "
-            "(groups/nonfinite_reward_frac, the reward functions' outputs, the learning rate) and resume from the last "
-            "checkpoint with a fix."
+            f"({mode}); stopping before it reaches the parameters. {look} Resume from the last checkpoint with a fix."
         )

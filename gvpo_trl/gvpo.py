@@ -25,6 +25,7 @@ import torch
 from .columns import GROUP_ID, REWARDS
 from .config import GroupConfig
 from .groups import count_groups, group_centred, group_mean, group_sizes, sequence_sum
+from .model_card import PAPERS, tag_names
 from .trainer import GroupTrainer
 
 # --- math (pure functions) ---------------------------------------------------------------------------------------
@@ -183,6 +184,7 @@ class GVPOTrainer(GroupTrainer):
 
     config_class = GVPOConfig
     metric_prefix = "gvpo"
+    _name, _paper, _tag_names = "GVPO", PAPERS["gvpo"], tag_names("gvpo")  # the model card
 
     def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         return group_centred(rewards, group_ids)

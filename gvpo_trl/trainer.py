@@ -18,17 +18,19 @@ Rewards (``_calculate_rewards``): TRL's → the buffer's stored rewards for hist
 unscorable, ``gvpo_trl.guards``) → kept raw here for step 2. Training: ``_prepare_inputs`` re-splits TRL's shuffled
 generation batch so that every micro-step holds whole groups; ``_compute_loss`` computes the policy's per-token
 log-probs and hands them to the algorithm's ``group_loss``; the guards stop on a non-finite loss or gradient norm.
-Checkpoints: the run identity (``gvpo_trl.checkpoints``) and the buffer state are written beside TRL's files.
+Checkpoints: the run identity (``gvpo_trl.checkpoints``), the buffer state and the carried groups of dynamic sampling
+are written beside TRL's files.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from trl import GRPOTrainer
 
-from . import checkpoints
+from . import checkpoint_integrity, checkpoints, generation_checks, image_chunks
 from ._trl_compat import MULTIMODAL_FORWARD_KEYS
 from .buffer import BufferMixin
 from .columns import ADVANTAGES, GROUP_ID, REWARDS
@@ -36,17 +38,21 @@ from .config import GroupConfig
 from .dynamic_sampling import DynamicSampling, dynamic_sampling_enabled
 from .groups import aggregate_rewards, count_groups, group_sizes, zero_variance_groups
 from .guards import NonFiniteGuards
+from .model_card import ModelCardMixin
 from .rows import regroup_batches
 from .sampler import EpochSeededSampler
-from .validation import check_dataset, check_prompts, checked_reward_function
+from .validation import check_dataset, check_prompts, check_reward_models, checked_reward_function
 
 
-class GroupTrainer(NonFiniteGuards, BufferMixin, GRPOTrainer):
+class GroupTrainer(ModelCardMixin, NonFiniteGuards, BufferMixin, GRPOTrainer):
     """Base of ``GVPOTrainer``, ``GPGTrainer`` and ``GSPOTrainer``. Subclasses set ``config_class`` and implement
     ``compute_advantages`` and ``group_loss``; ``metric_prefix`` names their metrics in the logs."""
 
     config_class: type[GroupConfig] = GroupConfig
     metric_prefix: str = "group"
+    # read by the generation seams; class-level so that a trainer built without __init__ (TRL's tests) has them
+    _max_positions: int | None = None
+    _warned_greedy: bool = False
 
     def __init__(self, model, reward_funcs=None, args=None, *extra, **kwargs):
         if args is None:
@@ -58,13 +64,22 @@ class GroupTrainer(NonFiniteGuards, BufferMixin, GRPOTrainer):
                 f"algorithm), got {type(args).__name__}. Build one with {self.config_class.__name__}(...)."
             )
         self._rewards_per_func: torch.Tensor | None = None
+        check_reward_models(reward_funcs, type(self).__name__)  # before TRL reads a module's config
         super().__init__(model, reward_funcs, args, *extra, **kwargs)
         self.dynamic_sampling = DynamicSampling(self)
         name = type(self).__name__
-        check_dataset(self.train_dataset, "train", name)
+        filled = self.environment_factories is not None  # reset() supplies the observation: an empty prompt is fine
+        check_dataset(self.train_dataset, "train", name, prompt_filled=filled)
         evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
         for split, dataset in evals.items():
-            check_dataset(dataset, split, name)
+            check_dataset(dataset, split, name, prompt_filled=filled)
+        generation_checks.check_dataset_fills_a_generation_batch(self.train_dataset, self.args, self.num_generations,
+                                                                 name)  # fmt: skip
+        self._max_positions = generation_checks.model_max_positions(self.model)
+        if self.rollout_func is not None:  # its completions must be checked before TRL decodes them
+            self.rollout_func = generation_checks.checked_rollout_func(
+                self.rollout_func, generation_checks.policy_vocab_size(self.model), name
+            )
         # a malformed reward output must name its function, not fail inside TRL's tensor conversion
         self.reward_funcs = [
             func if isinstance(func, torch.nn.Module) else checked_reward_function(func, func_name)
@@ -86,19 +101,26 @@ class GroupTrainer(NonFiniteGuards, BufferMixin, GRPOTrainer):
     # --- seams -----------------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+        generation_checks.check_completion_length_fits(self.args.max_completion_length, self._max_positions,
+                                                       type(self).__name__)  # fmt: skip
+        checkpoint = checkpoint_integrity.resolve_resume(resume_from_checkpoint, self)  # the newest complete one
         if checkpoint:
-            checkpoints.check_resume(str(checkpoint), checkpoints.run_identity(self), type(self).__name__)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+            checkpoints.check_resume(checkpoint, checkpoints.run_identity(self), type(self).__name__)
+        return super().train(checkpoint or resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            checkpoints.write_run_identity(checkpoints.checkpoint_dir(self, trial), checkpoints.run_identity(self))
+        folder = checkpoints.checkpoint_dir(self, trial)
+        with checkpoint_integrity.saving(folder, self):  # complete-or-unmarked: the marker is written last
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                checkpoints.write_run_identity(folder, checkpoints.run_identity(self))
+                self.dynamic_sampling.save(folder)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        with checkpoint_integrity.loading_optimizer(checkpoint, self):  # a failure names the checkpoint's files
+            super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.dynamic_sampling.load(checkpoint)
 
     def _get_train_sampler(self, dataset=None):
         return EpochSeededSampler(super()._get_train_sampler(dataset))
@@ -108,7 +130,7 @@ class GroupTrainer(NonFiniteGuards, BufferMixin, GRPOTrainer):
         return self._rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        check_prompts([row["prompt"] for row in inputs], type(self).__name__)
+        check_prompts(inputs, type(self).__name__, prompt_filled=self.environment_factories is not None)
         columns = list(inputs[0]) if inputs else []  # before TRL, which may add fields to the rows
         output = self._score_groups(inputs)
         if self.model.training and dynamic_sampling_enabled(self.args):
@@ -130,7 +152,38 @@ class GroupTrainer(NonFiniteGuards, BufferMixin, GRPOTrainer):
             zero_variance_groups(rewards, group_ids).float().mean().item()
         )
         self._metrics[mode]["groups/unscorable_frac"].append(torch.isnan(rewards).float().mean().item())
+        self._record_identical_groups(output, group_ids[local], mode)
         return output
+
+    def _record_identical_groups(self, output, local_group_ids, mode) -> None:
+        """``groups/identical_frac``: groups whose members are all the same completion (greedy-like sampling); warned
+        once when a whole generation batch is such."""
+        gather = self.accelerator.gather
+        ids = self.accelerator.pad_across_processes(output["completion_ids"], dim=1)
+        mask = self.accelerator.pad_across_processes(output["completion_mask"], dim=1)
+        same = generation_checks.identical_groups(gather(ids), gather(mask), gather(local_group_ids))
+        self._metrics[mode]["groups/identical_frac"].append(same.float().mean().item())
+        if mode == "train" and same.all() and not self._warned_greedy:
+            self._warned_greedy = True
+            warnings.warn(generation_checks.greedy_warning(type(self).__name__, self.args, same.numel()), stacklevel=2)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **image_inputs):  # fmt: skip
+        compute = super()._get_per_token_logps_and_entropies
+        options = dict(compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss)
+        if not image_chunks.has_text_only_rows(image_inputs):
+            return compute(model, input_ids, attention_mask, logits_to_keep, batch_size, **options, **image_inputs)
+        # a chunk of text-only rows must get no image inputs (TRL would hand it empty ones)
+        return image_chunks.logps_by_chunk(compute, model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                           image_inputs, **options)  # fmt: skip
+
+    def _tokenize_prompts(self, prompts):
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        if images is not None:  # a batch mixing image and text-only prompts: the processor takes [] for "no image"
+            images = [row if row is not None else [] for row in images]
+        generation_checks.check_prompt_lengths(prompt_ids, self.args.max_completion_length, self._max_positions,
+                                               type(self).__name__)  # fmt: skip
+        return prompt_ids, images, multimodal_fields
 
     def _prepare_inputs(self, generation_batch):
         before = self._buffered_inputs

@@ -119,9 +119,11 @@ def _recording(trainer_cls):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_trainer_generates_only_what_the_missing_groups_need(tmp_path, algorithm, buffer):
     extra = dict(buffer_history_per_group=1, buffer_max_staleness=8) if buffer else {}
+    # without carry-over, so that each round's size follows from the rounds recorded here alone
     trainer = make_trainer(algorithm, tmp_path, cls=_recording(TRAINERS[algorithm][1]), reward=half_dead_reward,
                            num_prompts=32, max_steps=4, per_device_train_batch_size=16, steps_per_generation=1,
-                           min_valid_fraction=0.75, learning_rate=1e-3, **extra)  # fmt: skip
+                           min_valid_fraction=0.75, learning_rate=1e-3, dynamic_sampling_carry_over=False,
+                           **extra)  # fmt: skip
     trainer.batches = []
     trainer.train()
     k, batch_groups = 4, 4
@@ -146,6 +148,53 @@ def test_every_trainer_generates_only_what_the_missing_groups_need(tmp_path, alg
     for h in trainer.state.log_history:
         if "loss" in h:
             assert math.isfinite(h["loss"])
+
+
+def distinct_or_constant_reward(prompts, completions, **kwargs):
+    """0.5 for prompts of letters a-d; for e-h a value that differs between almost any two completions."""
+    return [0.5 if p[0] in "abcd" else sum((j + 1) * ord(c) for j, c in enumerate(comp)) % 1009 / 1009
+            for p, comp in zip(prompts, completions, strict=True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_surplus_valid_groups_are_carried_to_the_next_batch_as_off_policy_members(tmp_path, algorithm):
+    live = Dataset.from_dict({"prompt": [f"{c}{d}:" for c in "efgh" for d in "abcd"]})  # extra prompts: all valid
+    trainer = make_trainer(algorithm, tmp_path, reward=distinct_or_constant_reward, dataset=live,
+                           per_device_train_batch_size=16, steps_per_generation=2, min_valid_fraction=1.0)  # fmt: skip
+    trainer.model.train()
+    k = 4
+    first = [{"prompt": p} for p in ["ea:", "fb:", "ac:", "bd:"] for _ in range(k)]  # 2 valid, 2 dead groups
+    trainer._generate_and_score_completions(first + first)  # 8 groups: 4 valid, 4 dead; 4 extra groups, all valid
+    metrics = trainer._metrics["train"]
+    assert metrics["dynamic_sampling/extra_groups"][-1] == 8  # rate (4+1)/(8+2): 8 groups for 4 missing
+    carried = trainer.dynamic_sampling._carried
+    assert carried is not None and carried["group_id"].numel() == 4 * k  # 12 valid for a batch of 8: 4 carried
+    assert carried["is_historical"].all() and (carried["staleness"] == 1).all()
+    assert metrics["dynamic_sampling/discarded_valid_groups"][-1] == 0
+    behaviour = trainer._generating_policy_logps(
+        {key: v for key, v in carried.items() if key not in ("old_per_token_logps", "sampling_per_token_logps")}
+    )
+    mask = carried["completion_mask"].bool()
+    torch.testing.assert_close(carried["behaviour_per_token_logps"][mask], behaviour[mask])  # the generating policy
+
+    with torch.no_grad():  # the policy moves before the next generation batch
+        for param in trainer.model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    dead = [{"prompt": p} for p in ["ab:", "bc:", "cd:", "da:"] for _ in range(k)] * 2  # no valid group at all
+    out = trainer._generate_and_score_completions(dead)
+    assert metrics["dynamic_sampling/carried_groups"][-1] == 4
+    assert metrics["dynamic_sampling/extra_groups"][-1] == 8  # 4 missing at rate (0+1)/(8+2), capped at a batch
+    rows = out["is_historical"]
+    assert int(rows.sum()) == 4 * k and ((out["group_id"][rows] >= 8) & (out["group_id"][rows] < 16)).all()
+    assert (out["staleness"][rows] == 1).all() and (out["staleness"][~rows] == 0).all()
+    if "old_per_token_logps" in out:  # TRL's rollout log-probs of a carried row: recomputed under the moved policy
+        now = trainer._generating_policy_logps(
+            {key: v for key, v in out.items() if key not in ("old_per_token_logps", "sampling_per_token_logps")}
+        )
+        m = out["completion_mask"].bool() & rows.unsqueeze(1)
+        torch.testing.assert_close(out["old_per_token_logps"][m], now[m])
+        assert not torch.allclose(out["behaviour_per_token_logps"][m], now[m])  # their behaviour policy is the old one
+    assert trainer.dynamic_sampling._carried is not None  # this batch's own surplus waits for the next
 
 
 def stale_constant_reward(prompts, completions, trainer_state=None, **kwargs):
@@ -201,19 +250,20 @@ def test_off_by_default_for_gvpo_and_gspo(tmp_path, algorithm):
 @pytest.mark.parametrize("buffer", [False, True], ids=["fresh", "buffer"])
 def test_resume_with_dynamic_sampling_continues_bit_for_bit(tmp_path, buffer):
     extra = dict(buffer_history_per_group=1, buffer_max_staleness=8) if buffer else {}
-    common = dict(reward=half_dead_reward, num_prompts=16, max_steps=6, per_device_train_batch_size=8,
-                  steps_per_generation=2, min_valid_fraction=0.75, save_strategy="steps", save_steps=3,
+    # resumed at a generation boundary (step 4 of 8, 2 steps per generation), as the shared resume test does
+    common = dict(reward=half_dead_reward, num_prompts=16, max_steps=8, per_device_train_batch_size=8,
+                  steps_per_generation=2, min_valid_fraction=0.75, save_strategy="steps", save_steps=4,
                   learning_rate=1e-3, **extra)  # fmt: skip
     full = make_trainer("gvpo", tmp_path / "full", **common)
     full.train()
     make_trainer("gvpo", tmp_path / "half", **common).train()
     resumed = make_trainer("gvpo", tmp_path / "half", **common)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "half" / "checkpoint-3"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "half" / "checkpoint-4"))
 
     def history(trainer):
         return [(h["loss"], h.get("dynamic_sampling/rounds")) for h in trainer.state.log_history if "loss" in h]
 
-    assert history(resumed)[3:] == history(full)[3:]
+    assert len(history(full)) == 8 and history(resumed)[4:] == history(full)[4:]
     assert sum(r or 0 for _, r in history(full)) >= 1
     for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -227,17 +277,17 @@ WORKER = Path(__file__).with_name("distributed") / "dynamic_sampling_worker.py"
 @pytest.mark.distributed
 @pytest.mark.parametrize("algorithm", ["gvpo", "gpg"])
 def test_two_processes_take_the_same_rounds(tmp_path, algorithm):
-    prompts = build_dataset(32)["prompt"]
+    prompts = list(build_dataset(32)["prompt"])
     spec = {"algorithm": algorithm, "prompts": prompts,
-            "args": dict(max_steps=3, per_device_train_batch_size=8, steps_per_generation=1, min_valid_fraction=0.75,
+            "args": dict(max_steps=4, per_device_train_batch_size=8, steps_per_generation=1, min_valid_fraction=0.75,
                          buffer_history_per_group=1, buffer_max_staleness=8, learning_rate=1e-3)}  # fmt: skip
     run = launch(f"dynamic-sampling-{algorithm}", spec, tmp_path, 2, "cpu_ddp_2proc.yaml",
-                 launch_env({"ACCELERATE_USE_CPU": "true"}), timeout=300, script=WORKER)  # fmt: skip
+                 launch_env({"ACCELERATE_USE_CPU": "true"}), timeout=600, script=WORKER)  # fmt: skip
     ranks = [json.loads((run.out_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
     a, b = ranks[0], ranks[1]
     assert [rows for rows, _ in a["rounds"]] == [rows for rows, _ in b["rounds"]]  # the same decisions everywhere
-    assert a["logs"] == b["logs"] and len(a["logs"]) == 3
+    assert a["logs"] == b["logs"] and len(a["logs"]) == 4
     assert sum(log["dynamic_sampling/rounds"] for log in a["logs"]) >= 1
     for rank in ranks:  # every trained batch holds whole groups of 4 on each process
         assert all(sorted(set(sizes)) == [4] for sizes in rank["group_sizes"])

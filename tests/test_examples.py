@@ -3,7 +3,6 @@ real-model path on a local dataset with LoRA) and ``examples/notebooks/quickstar
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -113,21 +112,6 @@ def test_only_one_of_model_and_dataset_is_an_error(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "Pass both --model_name_or_path and --dataset_name" in proc.stderr
-
-
-def test_solution_reward():
-    spec = importlib.util.spec_from_file_location("train_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    completions = [
-        "The answer is\n42",
-        "so x = \\boxed{\\frac{1}{2}}.",
-        "42 is wrong\nso it is 41",
-        [{"role": "assistant", "content": "Final:  Paris "}],
-        "",
-    ]
-    solutions = ["42", "\\frac{1}{2}", "42", "paris", "1"]
-    assert module.solution_reward(completions=completions, solution=solutions) == [1.0, 1.0, 0.0, 1.0, 0.0]
 
 
 @pytest.mark.slow

@@ -69,10 +69,10 @@ def test_infinity_is_accepted_where_it_means_no_limit(algorithm):
     [
         (dict(max_completion_length=0), r"max_completion_length must be >= 1 .*got 0"),
         (dict(max_completion_length=-5), r"max_completion_length must be >= 1 .*got -5"),
-        (dict(temperature=0.0), r"temperature must be > 0"),
-        (dict(temperature=-1.0), r"temperature must be > 0"),
-        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=0.0), r"temperature=0.0 is not > 0: completions are sampled"),
+        (dict(temperature=-1.0), r"temperature=-1.0 is not > 0"),
+        (dict(top_p=0.0), r"top_p=0.0 is outside \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p=1.5 is outside \(0, 1\]"),
     ],
 )
 def test_out_of_range_generation_settings_name_our_fields(algorithm, kwargs, match):
@@ -213,6 +213,17 @@ def test_empty_prompt_in_a_stream_is_refused_at_its_batch(tmp_path):
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
 
+
+def remark(checkpoint):
+    """Rewrite the completion marker's file sizes to the folder's current ones (a tampering that keeps them)."""
+    import json
+
+    from gvpo_trl.checkpoint_integrity import MARKER, checkpoint_files
+
+    marker = json.loads((checkpoint / MARKER).read_text())
+    (checkpoint / MARKER).write_text(json.dumps({**marker, "files": checkpoint_files(str(checkpoint))}))
+
+
 BUFFERED = dict(buffer_history_per_group=2, buffer_selection="uniform", buffer_max_staleness=4, steps_per_generation=2)
 
 
@@ -235,6 +246,7 @@ def test_damaged_buffer_file_names_the_file_and_what_to_do(tmp_path, damage):
         path.write_bytes(os.urandom(256))
     else:
         torch.save({"version": 1, "buffer": {"samples": "?"}}, path)
+    remark(checkpoint)  # sizes as saved: only the content is wrong (the size check is tested in test_hardening_round2)
     resumed = make_trainer("gvpo", tmp_path, dataset=dataset, **{**common, "max_steps": 4})
     with pytest.raises(ValueError, match=rf"mixed-buffer state {path} cannot be read .*Resume from an earlier"):
         resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -278,7 +290,10 @@ def test_resume_true_checks_the_latest_checkpoint_and_a_foreign_checkpoint_warns
         make_trainer("gvpo", tmp_path, dataset=dataset, **{**common, "buffer_history_per_group": 1}).train(
             resume_from_checkpoint=True
         )
-    (checkpoint / RUN_FILE).unlink()  # as written by TRL's own GRPOTrainer, or an older gvpo-trl
+    from gvpo_trl.checkpoint_integrity import MARKER
+
+    (checkpoint / RUN_FILE).unlink()  # as written by TRL's own GRPOTrainer, or an older gvpo-trl (neither marks)
+    (checkpoint / MARKER).unlink()
     resumed = make_trainer("gvpo", tmp_path, dataset=dataset, **{**common, "max_steps": 3})
     with pytest.warns(UserWarning, match=rf"has no {RUN_FILE}, so gvpo-trl cannot check"):
         resumed.train(resume_from_checkpoint=str(checkpoint))

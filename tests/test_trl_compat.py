@@ -1,19 +1,32 @@
 """The TRL internals gvpo-trl relies on (gvpo_trl/_trl_compat.py) exist with the expected shape."""
 
+import inspect
+import tomllib
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
-from gvpo_trl import GVPOConfig, GVPOTrainer
+from gvpo_trl import GVPOConfig, GVPOTrainer, _trl_compat
 from gvpo_trl._trl_compat import (
     GRPO_ATTRIBUTES,
     GRPO_OPTIONAL_OUTPUT_KEYS,
     GRPO_OUTPUT_KEYS,
+    UntestedTRLWarning,
     check_trl_version,
     missing_internals,
+    supported_trl,
+    trl_version_problem,
 )
 from gvpo_trl.demo.toy import build_dataset, repeat_letter_reward
 
 from .helpers import cpu_args, tiny_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_installed_trl_has_every_internal_we_use():
@@ -21,14 +34,48 @@ def test_installed_trl_has_every_internal_we_use():
 
 
 @pytest.mark.parametrize("version", ["1.15.2", "1.17.0", "2.0.0"])
-def test_unsupported_trl_version_fails_loudly(version):
-    with pytest.raises(ImportError, match=r"gvpo-trl supports trl>=1\.16\.0,<1\.17\.0"):
+def test_untested_trl_version_warns_and_says_what_to_do(version):
+    with pytest.warns(UntestedTRLWarning) as record:
         check_trl_version(version)
+    (message,) = [str(w.message) for w in record]
+    assert f"tested with trl<1.17,>=1.16.0 but trl {version} is installed" in message
+    assert "Every internal it checks without training is still there" in message  # the installed TRL is 1.16
+    assert f"make check-trl TRL={version}" in message and 'pip install "trl<1.17,>=1.16.0"' in message
 
 
-def test_supported_version_passes():
-    check_trl_version("1.16.0")
-    check_trl_version("1.16.3")
+def test_tested_versions_are_silent():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_trl_version("1.16.0")
+        check_trl_version("1.16.3")
+    assert trl_version_problem("1.16.3") is None
+
+
+def test_the_range_has_one_source_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (trl,) = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "trl"]
+    assert supported_trl() == trl.specifier == SpecifierSet(">=1.16.0,<1.17")
+    # constraints.txt pins the exact TRL CI tests on, inside that range; no other file restates the range
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert Version(pins["trl"]) in supported_trl()
+    assert "1.17" not in inspect.getsource(_trl_compat)
+
+
+def test_changed_seams_are_named(monkeypatch):
+    # a TRL release that renamed one seam and reshaped another: the report (and the import warning) name exactly those
+    from trl import GRPOTrainer
+
+    monkeypatch.delattr(GRPOTrainer, "_generate_and_score_completions")
+    monkeypatch.setattr(GRPOTrainer, "_generate", lambda self, batch, mode: None)
+    monkeypatch.setattr(GRPOTrainer, "_paper", {"title": "x"})
+    assert missing_internals() == [
+        "GRPOTrainer._generate_and_score_completions is missing",
+        "GRPOTrainer._generate('self', 'batch', 'mode') no longer starts with ('self', 'prompts')",
+        "GRPOTrainer._paper has keys ['title'], not ['title', 'id', 'citation']",
+    ]
+    message = trl_version_problem("1.17.0")
+    assert "These internals it relies on changed: GRPOTrainer._generate_and_score_completions is missing; " in message
+    assert "GRPOTrainer._generate('self', 'batch', 'mode') no longer starts with" in message
 
 
 def test_trainer_attributes_and_generation_output_keys(tmp_path):

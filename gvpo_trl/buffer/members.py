@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..columns import BEHAVIOUR_LOGPS, IS_EXTERNAL, IS_HISTORICAL, STALENESS
+from ..generation_checks import check_completion_ids
 from .planning import GroupPlan
 from .store import Sample
 
@@ -173,7 +174,8 @@ def member_drifts(members: list[Member], current: torch.Tensor, behaviour: torch
 
 
 def external_member(row: dict[str, Any], key: str, *, column: str, logps_column: str | None, tokenizer,
-                    max_completion_length: int | None, conversational: bool, name: str) -> Member | None:  # fmt: skip
+                    max_completion_length: int | None, conversational: bool, name: str,
+                    vocab_size: int | None = None) -> Member | None:  # fmt: skip
     """The external member of a dataset ``row`` (``column`` holds a string or token ids, ``logps_column`` one
     log-prob per token id), truncated to ``max_completion_length``; None when the row has none."""
     value = row.get(column)
@@ -189,6 +191,7 @@ def external_member(row: dict[str, Any], key: str, *, column: str, logps_column:
         text = value
     elif isinstance(value, list) and all(isinstance(x, int) for x in value):
         ids = list(value)
+        check_completion_ids([ids], vocab_size, name, f"the external completion column {column!r}")
         text = tokenizer.decode(ids, skip_special_tokens=True)
     else:
         raise ValueError(

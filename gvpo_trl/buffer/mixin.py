@@ -26,8 +26,10 @@ from typing import Any
 
 import torch
 
+from ..checkpoint_integrity import check_buffer_state
 from ..checkpoints import checkpoint_dir
 from ..columns import BEHAVIOUR_LOGPS, IS_EXTERNAL, IS_HISTORICAL
+from ..generation_checks import policy_vocab_size
 from .accounting import STAT_NAMES, fresh_reward, generated_lengths, plan_metrics
 from .config import BufferArgs, buffer_enabled, check_buffer_config
 from .members import (
@@ -58,6 +60,8 @@ class BufferMixin:
     #: The generation batch being made with the buffer on (None outside one, and for a trainer built without
     #: ``__init__``, as TRL's own tests do).
     _mixed_batch: MixedBatch | None = None
+    #: Counters of generated / reused rows; None for a trainer built without ``__init__`` (nothing is counted then).
+    buffer_stats: dict[str, int] | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -184,8 +188,13 @@ class BufferMixin:
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
+            vocab, funcs = policy_vocab_size(self.model), len(self.reward_funcs)
+
+            def validate(state):  # bounded: token ids in the vocabulary, finite log-probs, one reward per function
+                check_buffer_state(state, vocab, funcs)
+
             load_buffer(checkpoint, self.sample_buffer, self.buffer_stats, required=self._buffer_enabled,
-                        name=type(self).__name__)  # fmt: skip
+                        name=type(self).__name__, validate=validate)  # fmt: skip
 
     # --- the steps of a mixed generation batch ---
 
@@ -233,7 +242,7 @@ class BufferMixin:
             row, key, column=self.args.external_completions_column, logps_column=self.args.external_logps_column,
             tokenizer=getattr(self.processing_class, "tokenizer", self.processing_class),
             max_completion_length=self.args.max_completion_length, conversational=not isinstance(prompt, str),
-            name=type(self).__name__,
+            name=type(self).__name__, vocab_size=policy_vocab_size(self.model),
         )  # fmt: skip
 
     def _finish_mixed_batch(self, batch: MixedBatch, output: dict[str, Any]) -> None:
@@ -315,6 +324,8 @@ class BufferMixin:
 
     def _count_generated(self, completion_ids, tool_mask) -> None:
         """Log the tokens the policy generated in this call (all processes), and their running total."""
+        if self.buffer_stats is None:
+            return
         lengths = generated_lengths(completion_ids, tool_mask)
         local = torch.tensor([float(sum(lengths)), float(len(lengths))], device=self.accelerator.device)
         tokens, rows = self.accelerator.reduce(local, reduction="sum").tolist()

@@ -32,9 +32,10 @@ def save_buffer(folder: str, store: SampleBuffer, stats: dict[str, int]) -> None
     torch.save(buffer_state(store, stats), os.path.join(folder, BUFFER_STATE_NAME))
 
 
-def load_buffer(checkpoint: str, store: SampleBuffer, stats: dict[str, int], *, required: bool, name: str) -> None:
-    """Restore the buffer from ``checkpoint``; a damaged file, or a missing one when ``required``, is refused with a
-    message naming the file and what to do."""
+def load_buffer(checkpoint: str, store: SampleBuffer, stats: dict[str, int], *, required: bool, name: str,
+                validate=None) -> None:  # fmt: skip
+    """Restore the buffer from ``checkpoint``; a damaged file (or one ``validate(state)`` refuses), or a missing one
+    when ``required``, is refused with a message naming the file and what to do."""
     path = os.path.join(checkpoint, BUFFER_STATE_NAME)
     if not os.path.exists(path):
         if required:
@@ -45,7 +46,10 @@ def load_buffer(checkpoint: str, store: SampleBuffer, stats: dict[str, int], *, 
             )
         return
     try:
-        restore_buffer_state(torch.load(path, weights_only=True), store, stats)
+        state = torch.load(path, weights_only=True)
+        if validate is not None:
+            validate(state)
+        restore_buffer_state(state, store, stats)
     except Exception as error:  # a truncated or foreign file: unpickling errors name neither the file nor a fix
         first_line = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         raise ValueError(
