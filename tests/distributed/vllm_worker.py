@@ -11,7 +11,7 @@ runs as written; this script only observes it and records, per run and rank, in 
   log-prob| over completion tokens, the range of TRL's ``importance_sampling_ratio``; with the mixed buffer, which
   rows are historical, the ratio's range on them, and how far TRL's sampling log-probs of those rows are from the
   buffer's behaviour column;
-- ``micro_steps``: each loss call: the local group ids, the loss, and the loss recomputed without TRL's
+- ``micro_steps``: each loss call: the local group ids, the loss, and (1 process) the loss recomputed without TRL's
   ``importance_sampling_ratio`` (so the test sees whether the trainer applies it);
 - ``log_history`` and, when the spec asks, the stand-in's generated-token count (server mode).
 
@@ -121,9 +121,10 @@ def recording(cls):
         def _compute_loss(self, model, inputs):
             loss = super()._compute_loss(model, inputs)
             entry = {"step": self.state.global_step, "loss": loss.item()}
+            solo = self.accelerator.num_processes == 1  # a rank-local decision must not add collectives
             if "group_id" in inputs:
                 entry["group_ids"] = inputs["group_id"].tolist()
-            if "importance_sampling_ratio" in inputs and "group_id" in inputs and self.model.training:
+            if "importance_sampling_ratio" in inputs and "group_id" in inputs and self.model.training and solo:
                 metrics = {k: list(v) for k, v in self._metrics["train"].items()}
                 with torch.no_grad():
                     plain = {k: v for k, v in inputs.items() if k != "importance_sampling_ratio"}
