@@ -260,8 +260,13 @@ def train(argv: list[str] | None = None) -> None:
     if cli_rest:  # launched: the launcher's flags were taken out, so these are unknown
         raise SystemExit(f"gvpo-trl train: unknown flags {cli_rest}; `gvpo-trl train --help` lists every flag.")
     script_args, training_args, model_args = parsed
-    train_dataset, eval_dataset, reward_funcs = build_task(task, script_args, model_args)
+    trainer, eval_dataset = build_trainer(trainer_class, task, script_args, training_args, model_args)
+    run(trainer, algorithm, eval_dataset, script_args, training_args, model_args)
 
+
+def build_trainer(trainer_class, task: str, script_args, training_args, model_args):
+    """The trainer of the parsed flags, and the held-out dataset of its task."""
+    train_dataset, eval_dataset, reward_funcs = build_task(task, script_args, model_args)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
@@ -277,6 +282,11 @@ def train(argv: list[str] | None = None) -> None:
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
+    return trainer, eval_dataset
+
+
+def run(trainer, algorithm: str, eval_dataset, script_args, training_args, model_args) -> None:
+    """Evaluate, train, evaluate again, save, plot and (when asked) push."""
     print_ = trainer.accelerator.print
     # DeepSpeed: evaluating before training makes ZeRO-2 refuse and ZeRO-3 build an inference-only engine
     evaluate = (

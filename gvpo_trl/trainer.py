@@ -1,6 +1,7 @@
 """``GroupTrainer``: the TRL seams every trainer here shares, and how they compose.
 
-``GroupTrainer(NonFiniteGuards, BufferMixin, GRPOTrainer)`` overrides only narrow seams of TRL's ``GRPOTrainer``
+``GroupTrainer(ModelCardMixin, NonFiniteGuards, BufferMixin, GRPOTrainer)`` overrides only narrow seams of TRL's
+``GRPOTrainer``
 (each listed in ``_trl_compat``), each calling ``super()`` and post-processing its result. A generation batch
 (``_generate_and_score_completions``) is made like this, outermost first:
 
@@ -19,7 +20,11 @@ unscorable, ``gvpo_trl.guards``) → kept raw here for step 2. Training: ``_prep
 generation batch so that every micro-step holds whole groups; ``_compute_loss`` computes the policy's per-token
 log-probs and hands them to the algorithm's ``group_loss``; the guards stop on a non-finite loss or gradient norm.
 Checkpoints: the run identity (``gvpo_trl.checkpoints``), the buffer state and the carried groups of dynamic sampling
-are written beside TRL's files.
+are written beside TRL's files, inside ``checkpoint_integrity.saving`` (a completion marker written last); a resume
+takes the newest complete checkpoint (``checkpoint_integrity.resolve_resume``). Inputs are checked where TRL would meet
+them (``validation``, ``generation_checks``: prompts, prompt lengths, rollout outputs); batches mixing image and
+text-only prompts get their log-probs chunk by chunk (``image_chunks``). The model card names the algorithm
+(``model_card.ModelCardMixin``).
 """
 
 from __future__ import annotations

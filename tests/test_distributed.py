@@ -378,6 +378,8 @@ def test_accelerate_configs_are_valid():
         "cpu_ddp_2proc.yaml": ("MULTI_GPU", 2),
         "cpu_zero2_2proc.yaml": ("DEEPSPEED", 2),
         "cpu_zero3_2proc.yaml": ("DEEPSPEED", 2),
+        "multi_node_zero3.yaml": ("DEEPSPEED", 16),  # 2 nodes × 8 (tests/test_multi_node.py)
+        "cpu_multi_node_2x1.yaml": ("DEEPSPEED", 2),  # its CPU twin: 2 nodes × 1 on 127.0.0.1
     }
     found = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
     assert found == sorted(expected), found
@@ -388,7 +390,7 @@ def test_accelerate_configs_are_valid():
             continue
         path = REPO / config.deepspeed_config["deepspeed_config_file"]
         ds = json.loads(path.read_text())
-        stage = 3 if "zero3" in name else 2
+        stage = 3 if "zero3" in path.name else 2
         assert ds["zero_optimization"]["stage"] == stage, name
         if stage == 3:
             assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
