@@ -42,6 +42,9 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
     # overridden (mixed buffers); super() is called on the fresh rows only. Returns the 8-tuple (prompt_ids,
     # completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images)
     "_generate": ("self", "prompts"),
+    # overridden (mixed buffers): within a mixed batch, called via super() with num_generations=1, since the fresh
+    # rows of a group are fewer than num_generations (vLLM's server mode generates num_generations per prompt)
+    "_generate_single_turn": ("self", "prompt_ids", "images", "multimodal_fields", "num_generations"),
     # called via super(); returns rewards of shape (global batch, num reward funcs), gathered over processes in process
     # order; the mixed buffer also calls it on a subset of rows
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
@@ -122,7 +125,7 @@ GRPO_ATTRIBUTES = (
     "current_gradient_accumulation_steps",  # set by transformers' Trainer in the training loop
     "aux_loss_enabled",  # MoE: whether the loss adds router_aux_loss_coef × the router load-balancing loss
     "router_aux_loss_coef",  # the config's value, or the architecture's own when the config leaves it None
-    "tools",  # the mixed buffer refuses tool use, rollout functions and environments
+    "tools",  # the mixed buffer refuses buffer_rescore with environments (their state is per rollout)
     "rollout_func",  # wrapped at construction: its completions are checked before TRL decodes them
     "environment_factories",
     "processing_class",
@@ -133,6 +136,11 @@ GRPO_ATTRIBUTES = (
     "state",  # state.global_step: the policy version stored with buffered samples
     "accelerator",
 )
+
+#: Per-row lists ``GRPOTrainer._generate_and_score_completions`` assigns for each generation batch (environments and
+#: tools; absent without them), indexed by row position by ``_generate``'s tool loop and ``_calculate_rewards``: the
+#: mixed buffer narrows them to the rows it generates or scores (``gvpo_trl.buffer.row_state``).
+GRPO_ROW_STATE = ("environments", "_batch_environments", "_sync_tool_dicts", "_async_tool_dicts")
 
 #: Outside TRL: transformers' ``Trainer._get_output_dir(trial=)`` and
 #: ``transformers.trainer_utils.PREFIX_CHECKPOINT_DIR``

@@ -134,3 +134,20 @@ def test_trl_splits_images_per_row_as_we_rely_on():
     merged = unsplit_pixel_values_by_grid(split)
     assert torch.equal(merged["pixel_values"], batch["pixel_values"])
     assert torch.equal(merged["image_grid_thw"], batch["image_grid_thw"])
+
+
+def test_trls_per_row_state_is_assigned_per_batch_and_read_by_row():
+    # the mixed buffer narrows these lists to the rows it generates or scores (gvpo_trl.buffer.row_state): TRL must
+    # build them per generation batch and index them by row position in the tool loop / reward call
+    import inspect
+
+    from trl import GRPOTrainer
+
+    from gvpo_trl._trl_compat import GRPO_ROW_STATE
+
+    built = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    methods = ("_generate", "_tool_call_loop", "_calculate_rewards", "_tokenize_prompts")
+    readers = "".join(inspect.getsource(getattr(GRPOTrainer, name)) for name in methods)
+    for name in GRPO_ROW_STATE:
+        assert f"self.{name} = [" in built or f"self.{name} = []" in built, name
+        assert f"self.{name}" in readers, name

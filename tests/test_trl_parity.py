@@ -241,20 +241,6 @@ def test_vlm_gpg_extra_rounds_keep_each_rows_images(tmp_path):
     assert any(b["group_id"].max() >= 4 for b in trainer_cls.seen)
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_vlm_mixed_buffer_is_refused_with_a_message(tmp_path, algorithm):
-    path = build_tiny_qwen2_vl()
-    config_cls, trainer_cls = TRAINERS[algorithm]
-    args = cpu_args(config_cls, tmp_path, max_steps=1, per_device_train_batch_size=4, num_generations=2,
-                    steps_per_generation=2, buffer_history_per_group=1)  # fmt: skip
-    with pytest.raises(ValueError, match="mixed buffer does not support image inputs .*buffer_history_per_group=0"):
-        trainer_cls(model=path, reward_funcs=_varied_reward, args=args, train_dataset=_image_dataset(),
-                    processing_class=tiny_qwen2_vl_processor(path))  # fmt: skip
-    with pytest.raises(ValueError, match="mixed buffer does not support image inputs"):  # a stream: at its batch
-        trainer_cls(model=path, reward_funcs=_varied_reward, args=args, processing_class=tiny_qwen2_vl_processor(path),
-                    train_dataset=_image_dataset().to_iterable_dataset()).train()  # fmt: skip
-
-
 # --- GPG on a streaming dataset ---------------------------------------------------------------------------------------
 
 

@@ -147,11 +147,6 @@ def check_buffer_config(args: Any, name: str) -> None:
                          "external_completions_column (the completions those log-probs belong to).")  # fmt: skip
     if not buffer_enabled(args):
         return
-    if getattr(args, "use_vllm", False):
-        raise ValueError(
-            f"{name}: the mixed buffer does not support use_vllm=True yet (TRL's vLLM path generates "
-            "num_generations completions per unique prompt, it cannot generate a subset of a group)."
-        )
     if getattr(args, "remove_unused_columns", False) and args.external_completions_column:
         raise ValueError(f"{name}: remove_unused_columns=True would drop the column "
                          f"{args.external_completions_column!r}; set remove_unused_columns=False.")  # fmt: skip

@@ -27,7 +27,8 @@ class Member:
     """One local row: a group member, its kind and its completion.
 
     ``logps``: the behaviour policy's per-token log-probs when known before scoring (stored or external), else None;
-    ``step``, ``rewards`` and ``sample_uid`` as stored, for historical members.
+    ``step``, ``rewards`` and ``sample_uid`` as stored, for historical members; ``tool_mask`` (tools, environments)
+    and ``extra`` (a rollout function's extra fields) as generated or stored, None when there are none.
     """
 
     key: str
@@ -38,13 +39,15 @@ class Member:
     step: int | None = None
     rewards: list[float] | None = None
     sample_uid: int | None = None
+    tool_mask: list[int] | None = None
+    extra: dict[str, Any] | None = None
 
 
 def historical_member(sample: Sample) -> Member:
     logps = None if sample.logps is None else sample.logps.tolist()
     return Member(key=sample.key, kind=HISTORICAL, completion_ids=list(sample.completion_ids),
                   completion=sample.completion, logps=logps, step=sample.step, rewards=list(sample.rewards),
-                  sample_uid=sample.uid)  # fmt: skip
+                  sample_uid=sample.uid, tool_mask=sample.tool_mask, extra=sample.extra)  # fmt: skip
 
 
 def group_members(plan: GroupPlan, k: int, external: Member | None, samples: list[Sample]) -> list[Member]:
@@ -93,6 +96,43 @@ def splice_completions(members: list[Member], prompt_ids: list, completion_ids: 
     return out_prompts, out_ids, out_completions, out_logprobs
 
 
+def splice_turn_fields(members: list[Member], tool_mask: list | None, extra_fields: dict[str, Any],
+                       tool_images: list) -> tuple[list | None, dict[str, Any], list]:  # fmt: skip
+    """Row-ordered ``(tool_mask, extra_fields, tool_images)`` from the generator's outputs for the fresh members (in
+    order) and the stored values of the others; call after :func:`splice_completions`.
+
+    With tools or environments, a row without a stored mask (an external member) is all generated (ones). A rollout
+    function's extra fields are per-row lists (spliced) or one value for the batch (kept); a fresh member gets its
+    mask and fields recorded, so that they are stored with it.
+    """
+    fresh = [i for i, member in enumerate(members) if member.kind == FRESH]
+    per_row = {key: value for key, value in extra_fields.items() if isinstance(value, list)}
+    for j, i in enumerate(fresh):
+        if tool_mask is not None:
+            members[i].tool_mask = list(tool_mask[j])
+        if per_row:
+            members[i].extra = {key: value[j] for key, value in per_row.items()}
+    masks = None
+    if tool_mask is not None or any(member.tool_mask is not None for member in members):
+        masks = [m.tool_mask if m.tool_mask is not None else [1] * len(m.completion_ids) for m in members]
+    spliced = dict(extra_fields)
+    for key in per_row:
+        missing = [i for i, member in enumerate(members) if member.extra is None or key not in member.extra]
+        if missing:
+            raise ValueError(
+                f"the rollout function returned the extra field {key!r}, which group member {missing[0]} (not "
+                "generated in this batch) does not have: a stored or external completion carries only the fields "
+                "it was generated with. Return the same fields on every call (and no external completions)."
+            )
+        spliced[key] = [member.extra[key] for member in members]
+    images = list(tool_images) if tool_images else []
+    if images:
+        images = [[] for _ in members]
+        for j, i in enumerate(fresh):
+            images[i] = tool_images[j]
+    return masks, spliced, images
+
+
 def member_columns(members: list[Member], behaviour: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
     """The buffer's columns (``gvpo_trl.columns``) of a batch: behaviour log-probs (the generating policy's
     ``behaviour`` on fresh rows, the stored or external ones elsewhere, NaN where unknown, 0 on padding), kinds and
@@ -118,13 +158,18 @@ def member_columns(members: list[Member], behaviour: torch.Tensor, step: int) ->
 
 
 def member_drifts(members: list[Member], current: torch.Tensor, behaviour: torch.Tensor) -> list[tuple[int, float]]:
-    """``(sample uid, drift)`` of each historical member: mean over its tokens of ``|log π_θ' − log π_b|``."""
+    """``(sample uid, drift)`` of each historical member: mean over its generated tokens (tool output left out) of
+    ``|log π_θ' − log π_b|``."""
     drifts = []
     for i, member in enumerate(members):
         if member.kind != HISTORICAL:
             continue
         n = len(member.completion_ids)
-        drifts.append((member.sample_uid, (current[i, :n] - behaviour[i, :n]).abs().mean().item() if n else 0.0))
+        keep = torch.ones(n, dtype=torch.bool, device=current.device)
+        if member.tool_mask is not None:
+            keep = torch.tensor(member.tool_mask, device=current.device).bool()
+        gap = (current[i, :n] - behaviour[i, :n]).abs()[keep]
+        drifts.append((member.sample_uid, gap.mean().item() if gap.numel() else 0.0))
     return drifts
 
 

@@ -1,9 +1,14 @@
 """The wiring of the mixed buffer into TRL: :class:`BufferMixin`, mixed into ``GroupTrainer`` (and usable with
 ``trl.GRPOTrainer`` itself, for a baseline). It overrides narrow seams of ``GRPOTrainer`` and calls ``super()`` in each:
 
-- ``_generate(prompts)``: generates only the fresh rows (``super()._generate`` on that subset) and splices the stored
-  completions (and external ones) into the other rows, so the rest of TRL's pipeline (padding, θ'/reference log-probs
-  under the pre-update policy, reward calls, metrics) runs unchanged on whole groups;
+- ``_generate(prompts)``: generates only the fresh rows (``super()._generate`` on that subset, with TRL's per-row tool
+  and environment state narrowed to them: ``row_state``) and splices the stored completions (and external ones), with
+  their tool masks and rollout-function fields, into the other rows, so the rest of TRL's pipeline (padding,
+  θ'/reference log-probs under the pre-update policy, reward calls, metrics) runs unchanged on whole groups; this
+  holds for every generator (HF ``generate``, continuous batching, vLLM colocate and server), tools, environments,
+  ``rollout_func`` and image prompts (a prompt's images are part of its key, and every row keeps its own);
+- ``_generate_single_turn``: asks the generator for one completion per fresh row (vLLM's server mode would otherwise
+  generate ``num_generations`` per prompt);
 - ``_calculate_rewards``: scores only the rows that need it, reusing the stored rewards of historical rows
   (``buffer_rescore=True`` scores them again);
 - ``_generate_and_score_completions``: adds the columns of ``gvpo_trl.columns`` (behaviour log-probs, is_historical,
@@ -23,7 +28,7 @@ import torch
 
 from ..checkpoint_integrity import check_buffer_state
 from ..checkpoints import checkpoint_dir
-from ..columns import BEHAVIOUR_LOGPS
+from ..columns import BEHAVIOUR_LOGPS, IS_EXTERNAL, IS_HISTORICAL
 from ..generation_checks import policy_vocab_size
 from .accounting import STAT_NAMES, fresh_reward, generated_lengths, plan_metrics
 from .config import BufferArgs, buffer_enabled, check_buffer_config
@@ -36,9 +41,11 @@ from .members import (
     member_columns,
     member_drifts,
     splice_completions,
+    splice_turn_fields,
 )
 from .persistence import load_buffer, save_buffer
 from .planning import plan_groups, resolve_history_horizon, resolve_num_historical, scheduled_num_historical
+from .row_state import rows_of
 from .store import SampleBuffer, prompt_key
 
 
@@ -71,11 +78,13 @@ class BufferMixin:
 
     def _check_buffer_support(self) -> None:
         name, args = type(self).__name__, self.args
-        unsupported = [what for what, on in (("tools", self.tools), ("rollout_func", self.rollout_func),
-                                             ("environment_factory", self.environment_factories)) if on]  # fmt: skip
-        if unsupported:
-            raise ValueError(f"{name}: the mixed buffer does not support {', '.join(unsupported)} yet: a stored "
-                             "completion cannot replay a tool or environment interaction.")  # fmt: skip
+        if self.environment_factories and args.buffer_rescore:
+            raise ValueError(
+                f"{name}: buffer_rescore=True cannot rescore historical members with environment_factory: their "
+                "rewards depend on the environment state of the rollout that generated them, and a historical "
+                "member's environment in this batch never ran that rollout. Leave buffer_rescore=False (the stored "
+                "rewards are reused)."
+            )
         column, logps_column = args.external_completions_column, args.external_logps_column
         if column and self.needs_behaviour_logps and not logps_column:
             raise ValueError(
@@ -88,14 +97,12 @@ class BufferMixin:
         for col in (column, logps_column):
             if col and names is not None and col not in names:
                 raise ValueError(f"{name}: the train dataset has no column {col!r} (columns: {names}).")
-        if names is not None and {"image", "images"} & set(names):
-            raise ValueError(self._image_refusal())
 
-    def _image_refusal(self) -> str:
+    def _tool_image_refusal(self) -> str:
         return (
-            f"{type(self).__name__}: the mixed buffer does not support image inputs yet (a stored completion would "
-            "have to be replayed with its images). Turn the buffer off (buffer_history_per_group=0, no "
-            "external_completions_column) to train on images."
+            f"{type(self).__name__}: a tool returned images, which the mixed buffer does not store (a reused member "
+            "would lose them). Turn the buffer off (buffer_history_per_group=0, no external_completions_column) for "
+            "tools that return images."
         )
 
     # --- seams ---
@@ -103,8 +110,6 @@ class BufferMixin:
     def _generate_and_score_completions(self, inputs):
         if not (self._buffer_enabled and self.model.training):
             return super()._generate_and_score_completions(inputs)
-        if "image" in inputs[0] or "images" in inputs[0]:  # a stream shows its columns only here
-            raise ValueError(self._image_refusal())
         self._mixed_batch = MixedBatch(inputs=inputs, step=self.state.global_step)
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -122,15 +127,25 @@ class BufferMixin:
             return output
         self._plan(batch, prompts)
         fresh = batch.rows(FRESH)
-        output = super()._generate([prompts[i] for i in fresh])
+        with rows_of(self, fresh):
+            output = super()._generate([prompts[i] for i in fresh])
         prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = output
-        if tool_mask is not None or extra_fields or images is not None:
-            raise RuntimeError(f"{type(self).__name__}: unexpected tool/extra/image outputs with the mixed buffer on.")
-        self._count_generated(completion_ids, None)
+        if any(tool_images or []):
+            raise ValueError(self._tool_image_refusal())
+        # the images of the fresh rows only: None makes TRL take every row's images from its dataset row, and a
+        # reused member's row is a row of its own prompt, whose images are part of the buffer key (prompt_key)
+        images = None
+        self._count_generated(completion_ids, tool_mask)
         prompt_ids, completion_ids, completions, logprobs = splice_completions(
             batch.members, prompt_ids, completion_ids, completions, logprobs, self.num_generations
         )
+        tool_mask, extra_fields, tool_images = splice_turn_fields(batch.members, tool_mask, extra_fields, tool_images)
         return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        if self._mixed_batch is not None:
+            num_generations = 1  # a group's fresh rows are fewer than num_generations: one completion per row
+        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         batch = self._mixed_batch
@@ -140,12 +155,13 @@ class BufferMixin:
         else:
             # every process scores the same number of rows (plan_groups equalises), as TRL's tensor gather needs
             scored = [i for i, member in enumerate(batch.members) if member.kind != HISTORICAL]
-            sub = super()._calculate_rewards(
-                [inputs[i] for i in scored],
-                [prompts[i] for i in scored],
-                [completions[i] for i in scored],
-                [completion_ids_list[i] for i in scored],
-            )
+            with rows_of(self, scored):  # reward functions get the scored rows' environments
+                sub = super()._calculate_rewards(
+                    [inputs[i] for i in scored],
+                    [prompts[i] for i in scored],
+                    [completions[i] for i in scored],
+                    [completion_ids_list[i] for i in scored],
+                )
             start = self.accelerator.process_index * len(scored)
             local = torch.empty(len(prompts), sub.size(1), dtype=sub.dtype, device=sub.device)
             local[scored] = sub[start : start + len(scored)]
@@ -234,6 +250,13 @@ class BufferMixin:
         behaviour = self._generating_policy_logps(output)
         columns = member_columns(batch.members, behaviour, batch.step)
         output.update(columns)
+        if "importance_sampling_ratio" in output:
+            # TRL's vLLM correction is π_θ'/π_b on every row; a reused member is already weighted against its stored
+            # π_b by the algorithm itself (GSPO's ratio, GPG's truncated weight; GVPO needs none): 1 there
+            ratio = output["importance_sampling_ratio"]
+            output["importance_sampling_ratio"] = ratio.masked_fill(
+                (columns[IS_HISTORICAL] | columns[IS_EXTERNAL]).view(-1, *([1] * (ratio.dim() - 1))), 1.0
+            )
         metrics, k = self._metrics["train"], self.num_generations
         for key, value in plan_metrics(batch.plan, k, batch.step, self.sample_buffer).items():
             if key != "buffer/external_share" or self.args.external_completions_column:
@@ -244,8 +267,9 @@ class BufferMixin:
         self.buffer_stats["historical_rows"] += sum(len(p.historical) for p in batch.plan)
         self.buffer_stats["external_rows"] += sum(int(p.external) for p in batch.plan)
         if any(p.historical for p in batch.plan):
-            # the pre-update policy θ' on every row (no vLLM here, so not π_sampling)
-            self._evict_drifted_and_overused(batch, behaviour, columns)
+            current = output.get("old_per_token_logps")  # θ', the pre-update policy (TRL's, with vLLM always)
+            current = behaviour if current is None else current.detach().float()  # on-policy: θ' generated it
+            self._evict_drifted_and_overused(batch, current, columns)
         if self.history_per_group:
             self._store_fresh(batch, columns)
 
@@ -289,12 +313,12 @@ class BufferMixin:
         rewards, behaviour = batch.rewards_per_func.detach().cpu(), columns[BEHAVIOUR_LOGPS]
         records = [
             (member.key, member.completion_ids, member.completion, rewards[start + i].tolist(),
-             behaviour[i, : len(member.completion_ids)].cpu())
+             behaviour[i, : len(member.completion_ids)].cpu(), member.tool_mask, member.extra)
             for i, member in enumerate(batch.members)
             if member.kind == FRESH
         ]  # fmt: skip
-        for key, ids, completion, sample_rewards, logps in gather_object(records):
-            self.sample_buffer.add(key, ids, completion, sample_rewards, logps, batch.step)
+        for key, ids, completion, sample_rewards, logps, tool_mask, extra in gather_object(records):
+            self.sample_buffer.add(key, ids, completion, sample_rewards, logps, batch.step, tool_mask, extra)
         self.sample_buffer.evict_over_capacity()
         self._metrics["train"]["buffer/size"].append(float(len(self.sample_buffer)))
 

@@ -16,10 +16,19 @@ import torch
 
 
 def prompt_key(prompt: Any) -> str:
-    """The buffer key of a prompt: the text itself, or a canonical JSON dump of a conversational prompt."""
+    """The buffer key of a prompt: the text itself, or a canonical JSON dump of a conversational prompt, in which an
+    image (a PIL image in a content block, as TRL puts a row's images into its prompt) stands for its pixels' digest:
+    two prompts with the same text and different images have different keys, the same image always the same one."""
     if isinstance(prompt, str):
         return prompt
-    return json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=str)
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=_value_key)
+
+
+def _value_key(value: Any) -> str:
+    if all(hasattr(value, attr) for attr in ("mode", "size", "tobytes")):  # a PIL image
+        digest = hashlib.sha256(f"{value.mode}{value.size}".encode() + value.tobytes()).hexdigest()
+        return f"<image {value.mode} {value.size[0]}x{value.size[1]} sha256:{digest}>"
+    return str(value)
 
 
 @dataclass
@@ -34,6 +43,8 @@ class Sample:
     logps: torch.Tensor | None  # behaviour per-token log-probs, float32, shape (len(completion_ids),)
     step: int  # optimizer step (policy version) that generated it
     uses: int = 0  # groups it has served as a historical member
+    tool_mask: list[int] | None = None  # TRL's tool mask (1 = generated, 0 = tool output), with tools or environments
+    extra: dict[str, Any] | None = None  # the rollout function's extra fields of this row
 
 
 class SampleBuffer:
@@ -70,6 +81,8 @@ class SampleBuffer:
         rewards: list[float],
         logps: torch.Tensor | None,
         step: int,
+        tool_mask: list[int] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Sample:
         """Store a sample (no eviction: call :meth:`evict_over_capacity` after a batch of ``add``)."""
         if logps is not None:
@@ -84,7 +97,11 @@ class SampleBuffer:
             rewards=list(map(float, rewards)),
             logps=logps,
             step=int(step),
+            tool_mask=None if tool_mask is None else list(map(int, tool_mask)),
+            extra=None if extra is None else dict(extra),
         )
+        if sample.tool_mask is not None and len(sample.tool_mask) != len(sample.completion_ids):
+            raise ValueError(f"{len(sample.tool_mask)} tool-mask entries for {len(completion_ids)} completion tokens")
         self._entries[sample.uid] = sample
         self._by_key.setdefault(key, []).append(sample.uid)
         self.next_uid += 1
@@ -144,6 +161,8 @@ class SampleBuffer:
                     "logps": s.logps,
                     "step": s.step,
                     "uses": s.uses,
+                    "tool_mask": s.tool_mask,
+                    "extra": s.extra,
                 }
                 for s in self._entries.values()
             ],
@@ -155,7 +174,7 @@ class SampleBuffer:
         for d in state["samples"]:
             sample = Sample(uid=d["uid"], key=d["key"], completion_ids=list(d["completion_ids"]),
                             completion=d["completion"], rewards=list(d["rewards"]), logps=d["logps"], step=d["step"],
-                            uses=int(d.get("uses", 0)))  # fmt: skip
+                            uses=int(d.get("uses", 0)), tool_mask=d.get("tool_mask"), extra=d.get("extra"))  # fmt: skip
             self._entries[sample.uid] = sample
             self._by_key.setdefault(sample.key, []).append(sample.uid)
         self.next_uid = int(state["next_uid"])
@@ -170,4 +189,6 @@ class SampleBuffer:
             h.update(json.dumps([s.uid, s.key, s.step, s.uses, s.completion_ids, s.completion], default=str).encode())
             h.update(repr(s.rewards).encode())  # repr round-trips floats exactly (and shows NaN)
             h.update(b"-" if s.logps is None else s.logps.numpy().tobytes())
+            if s.tool_mask is not None or s.extra is not None:
+                h.update(json.dumps([s.tool_mask, s.extra], sort_keys=True, default=str).encode())
         return h.hexdigest()
