@@ -46,6 +46,7 @@ def instrumented(trainer_cls):
 
     class Counting(trainer_cls):
         counts = None
+        cumulative: list = []  # (step, generated, trained) after each generation batch
 
         def _generate(self, prompts):
             output = super()._generate(prompts)
@@ -59,6 +60,8 @@ def instrumented(trainer_cls):
             if self.model.training:
                 self.counts["trained_tokens"] += int(output["completion_mask"].sum().item())
                 self.counts["batches"] += 1
+                self.cumulative.append((self.state.global_step, self.counts["generated_tokens"],
+                                        self.counts["trained_tokens"]))  # fmt: skip
             return output
 
     return Counting
@@ -107,7 +110,7 @@ def run_arm(arm: str, args) -> dict:
                 return trainer.evaluate(eval_dataset=held_out)["eval_reward"]
 
         before = held_out_reward()
-        trainer.counts = dict.fromkeys(trainer.counts, 0)
+        trainer.counts, trainer.cumulative = dict.fromkeys(trainer.counts, 0), []
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -124,22 +127,27 @@ def run_arm(arm: str, args) -> dict:
         "mean_batch_valid_fraction": sum(e.get("dynamic_sampling/batch_valid_fraction", 0) for e in logs)
         / max(len(logs), 1),
         "curve": [(e["step"], e["reward"]) for e in logs if "reward" in e],
+        # generated / trained tokens over the first n steps
+        "ratio_by_step": {n: next((g / max(t, 1) for step, g, t in trainer.cumulative[::-1] if step < n), None)
+                          for n in (10, 16, 40, steps)},
     }  # fmt: skip
 
 
 def write_report(results: list[dict], args, out: Path, command: str) -> None:
     rows = [
-        "| arm | generated / trained tokens | generation calls / step | extra rounds / step | batch valid fraction "
-        "| s/step | held-out before → after |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | generated / trained tokens | … over the first 10 / 16 steps | generation calls / step "
+        "| extra rounds / step | batch valid fraction | s/step | held-out before → after |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
             rows.append(f"| {r['arm']} | failed: {r['error']} |")
             continue
         valid = f"{r['mean_batch_valid_fraction']:.2f}" if r["mean_extra_rounds"] or "gpg" in r["arm"] else "–"
+        early = r.get("ratio_by_step", {})
+        first = " / ".join(f"{early[n]:.2f}×" if early.get(n) else "–" for n in ("10", "16"))
         rows.append(
-            f"| {r['arm']} | **{r['generated_per_trained']:.2f}×** | {r['calls_per_step']:.2f} | "
+            f"| {r['arm']} | **{r['generated_per_trained']:.2f}×** | {first} | {r['calls_per_step']:.2f} | "
             f"{r['mean_extra_rounds']:.2f} | {valid} | {r['seconds_per_step']:.2f} | "
             f"{r['held_out_before']:.3f} → {r['held_out_after']:.3f} |"
         )

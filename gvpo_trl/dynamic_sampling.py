@@ -160,13 +160,16 @@ def surplus_groups(rounds: list[GenerationRound], chosen: list[tuple[int, torch.
 def with_off_policy_columns(batch: dict[str, Any], off_policy: bool, behaviour: torch.Tensor | None = None) -> dict:
     """``batch`` with the columns a loss reads for rows of an older policy (``gvpo_trl.columns``): when
     ``off_policy``, every row is flagged historical with ``behaviour`` as its behaviour log-probs and one more step of
-    staleness; else the columns are added where missing (zeros, not flagged), so that batches can be stacked."""
+    staleness, and TRL's vLLM importance ratio 1 (their behaviour log-probs are already the sampler's); else the columns
+    are added where missing (zeros, not flagged), so that batches can be stacked."""
     rows, device = batch[GROUP_ID].numel(), batch[GROUP_ID].device
     out = dict(batch)
     if off_policy:
         out[BEHAVIOUR_LOGPS] = behaviour.detach().float()
         out[IS_HISTORICAL] = torch.ones(rows, dtype=torch.bool, device=device)
         out[STALENESS] = out.get(STALENESS, torch.zeros(rows, dtype=torch.long, device=device)) + 1
+        if "importance_sampling_ratio" in out:  # the behaviour log-probs are the sampler's own: no second correction
+            out["importance_sampling_ratio"] = torch.ones_like(out["importance_sampling_ratio"])
     else:
         out.setdefault(BEHAVIOUR_LOGPS, torch.zeros_like(batch["completion_mask"], dtype=torch.float32))
         out.setdefault(IS_HISTORICAL, torch.zeros(rows, dtype=torch.bool, device=device))

@@ -232,10 +232,9 @@ def test_every_trainer_through_server_mode_and_the_sampling_correction(tmp_path)
 
 @pytest.mark.distributed
 def test_two_processes_colocate_and_server(tmp_path):
-    # GVPO: generations at steps 0 and 4. Dynamic-sampling carry-over is off here: with it, GPG on vLLM in 2 processes
-    # deadlocks at its second step (one rank in the loss, the other in dynamic_sampling.refill's gather), a bug of
-    # that feature reported with this test; 1 process runs it (above)
-    both = dict(names=["gvpo", "gpg"], num_processes=2, steps=5, dynamic_sampling_carry_over=False)
+    # GVPO: generations at steps 0 and 4. GPG with dynamic-sampling carry-over (its default): carried groups sit on one
+    # process only, which once deadlocked this run at its second step (one rank in the loss, the other in refill)
+    both = dict(names=["gvpo", "gpg"], num_processes=2, steps=5)
     colocate = launch_runs(tmp_path / "colocate", "colocate", **both)
     with standin_server() as url:
         server = launch_runs(tmp_path / "server", "server", server_url=url, **both)

@@ -101,8 +101,9 @@ def recording(cls):
                 mask = output["completion_mask"].bool()
                 entry = {"step": self.state.global_step, "rows": int(mask.size(0))}
                 old, sampled = output.get("old_per_token_logps"), output.get("sampling_per_token_logps")
-                if old is not None and sampled is not None:
-                    diff = (old - sampled).abs()[mask & torch.isfinite(sampled)]
+                if old is not None and sampled is not None:  # rows generated now (not reused, not carried over)
+                    now = ~output["is_historical"].bool().unsqueeze(1) if "is_historical" in output else True
+                    diff = (old - sampled).abs()[mask & torch.isfinite(sampled) & now]
                     entry["logp_max_diff"] = diff.max().item() if diff.numel() else 0.0
                 ratio = output.get("importance_sampling_ratio")
                 if ratio is not None:
