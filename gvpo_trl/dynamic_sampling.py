@@ -238,7 +238,6 @@ class DynamicSampling:
         self.trainer = trainer
         self._stream: ExtraPromptStream | None = None  # streaming train_dataset: opened at the first extra round
         self._carried: dict[str, Any] | None = None  # surplus valid groups of the last generation batch (this process)
-        self.surplus = 0
 
     def extra_prompts(self, num_global_groups: int) -> ExtraPrompts:
         trainer, args = self.trainer, self.trainer.args
@@ -291,8 +290,8 @@ class DynamicSampling:
             generated, next_id = generated + size, next_id + size
             kept, valid_seen = self._global_counts(rounds, fresh, local_groups)
         chosen = choose_groups(rounds, local_groups)
-        self._keep_surplus(rounds, fresh, chosen, local_groups)
-        self._log(rounds, fresh, chosen, kept, generated - batch_groups, batch_groups, carried is not None)
+        surplus = self._keep_surplus(rounds, fresh, chosen, local_groups)
+        self._log(rounds, fresh, chosen, kept, generated - batch_groups, batch_groups, carried is not None, surplus)
         # one decision for all processes (the token count below gathers): carried groups may sit on one process only
         joined = torch.tensor([float(len(rounds) > 1)], device=trainer.accelerator.device)
         if trainer.accelerator.reduce(joined, reduction="sum").item() == 0:
@@ -300,8 +299,7 @@ class DynamicSampling:
         if carried is not None:  # the other rounds get the off-policy columns too, unflagged, to stack with them
             rounds = [rnd if i == 1 else GenerationRound(with_off_policy_columns(rnd.output, False), rnd.valid,
                                                          rnd.zero) for i, rnd in enumerate(rounds)]  # fmt: skip
-        pad_id = getattr(trainer.processing_class, "tokenizer", trainer.processing_class).pad_token_id
-        batch = join_groups(rounds, chosen, pad_id)
+        batch = join_groups(rounds, chosen, self._pad_token_id)
         batch["num_items_in_batch"] = trainer.accelerator.gather(loss_token_count(batch)).sum()
         return batch
 
@@ -312,21 +310,23 @@ class DynamicSampling:
         keys = set(MULTIMODAL_FORWARD_KEYS) - {"token_type_ids"}
         return self.trainer.args.dynamic_sampling_carry_over and not keys & set(output)
 
-    def _keep_surplus(self, rounds, fresh: list[int], chosen, num_groups: int) -> None:
+    @property
+    def _pad_token_id(self) -> int:
+        return getattr(self.trainer.processing_class, "tokenizer", self.trainer.processing_class).pad_token_id
+
+    def _keep_surplus(self, rounds, fresh: list[int], chosen, num_groups: int) -> int:
         """Keep the valid groups of the fresh rounds that the batch had no room for, with the log-probs of the policy
         that generated them (computed now, before the optimizer step changes it)."""
-        self._carried, self.surplus = None, 0
+        self._carried = None
         if not self._carry_enabled(rounds[0].output):
-            return
+            return 0
         fresh_rounds = [rounds[i] for i in fresh]
         chosen_fresh = [(fresh.index(r), rows) for r, rows in chosen if r in fresh]
         parts = [take_rows(fresh_rounds[r].output, rows) for r, rows in surplus_groups(fresh_rounds, chosen_fresh,
                                                                                         num_groups)]  # fmt: skip
-        self.surplus = len(parts)
         rows = None
         if parts:
-            pad_id = getattr(self.trainer.processing_class, "tokenizer", self.trainer.processing_class).pad_token_id
-            rows = concat_generation_outputs(parts, pad_id) if len(parts) > 1 else parts[0]
+            rows = concat_generation_outputs(parts, self._pad_token_id) if len(parts) > 1 else parts[0]
         # with the buffer on, its behaviour column already holds the generating policy's log-probs of every row
         behaviour = rows.get(BEHAVIOUR_LOGPS) if rows is not None else None
         if BEHAVIOUR_LOGPS not in rounds[0].output:
@@ -334,6 +334,7 @@ class DynamicSampling:
         if rows is not None:
             self._carried = {key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
                              for key, value in with_off_policy_columns(rows, True, behaviour).items()}  # fmt: skip
+        return len(parts)
 
     def _policy_logps(self, rows: dict[str, Any] | None, placeholder: dict[str, Any]) -> torch.Tensor | None:
         """The current policy's per-token log-probs of ``rows``, computed on every process when any process has rows
@@ -395,10 +396,11 @@ class DynamicSampling:
             ) from error
         self._carried = state["carried"]
 
-    def _log(self, rounds, fresh, chosen, kept: int, extra_groups: int, batch_groups: int, has_carried: bool) -> None:
+    def _log(self, rounds, fresh, chosen, kept: int, extra_groups: int, batch_groups: int, has_carried: bool,
+             surplus: int) -> None:  # fmt: skip
         valid_generated = sum(len(rounds[i].valid) for i in fresh)
         used_carried = sum(1 for r, _ in chosen if has_carried and r == 1)
-        local = torch.tensor([valid_generated, used_carried, self.surplus], device=self.trainer.accelerator.device)
+        local = torch.tensor([valid_generated, used_carried, surplus], device=self.trainer.accelerator.device)
         valid_generated, used_carried, surplus = self.trainer.accelerator.reduce(local, reduction="sum").tolist()
         metrics = self.trainer._metrics["train"]
         metrics["dynamic_sampling/rounds"].append(float(len(fresh) - 1))
