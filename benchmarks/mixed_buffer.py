@@ -118,18 +118,23 @@ def heldout_reward(trainer, prompts: list[str], seed: int = 1234) -> float:
     return sum(toy.repeat_letter_reward(prompts, texts)) / len(prompts)
 
 
+#: buffer metrics recorded per generation (when logged)
+RECORDED = ("historical_share", "mean_drift", "drift_evicted", "signal_from_history")
+
+
 class Recorder(TrainerCallback):
     """Per generation: generated tokens so far, fresh-sample reward, historical share, drift. Every ``eval_every``
     steps (and at the start and the end): held-out reward. Stops training once ``token_budget`` tokens are spent."""
 
-    def __init__(self, trainer, prompts, eval_every, token_budget=None):
+    def __init__(self, trainer, prompts, eval_every, token_budget=None, evaluate=None):
         self.trainer, self.prompts, self.eval_every, self.token_budget = trainer, prompts, eval_every, token_budget
+        self.evaluate = evaluate or heldout_reward  # (trainer, prompts) -> held-out reward
         self.points, self.evals = [], []
 
     def _evaluate(self, step):
         if not self.evals or self.evals[-1][0] != step:
             tokens = self.trainer.buffer_stats["generated_tokens"]
-            self.evals.append((step, tokens, heldout_reward(self.trainer, self.prompts)))
+            self.evals.append((step, tokens, self.evaluate(self.trainer, self.prompts)))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._evaluate(0)
@@ -138,7 +143,7 @@ class Recorder(TrainerCallback):
         if logs and "buffer/generated_tokens_total" in logs:
             self.points.append({"step": state.global_step, "tokens": logs["buffer/generated_tokens_total"],
                                 "fresh_reward": logs.get("buffer/fresh_reward", logs.get("reward")),
-                                **{k: logs[f"buffer/{k}"] for k in ("historical_share", "mean_drift", "drift_evicted")
+                                **{k: logs[f"buffer/{k}"] for k in RECORDED
                                    if f"buffer/{k}" in logs}})  # fmt: skip
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -154,7 +159,7 @@ def train_run(spec: dict, prompts: list[str]) -> dict:
     ``buffer`` (config fields), optional ``token_budget`` and ``config`` (other config fields)); returns its curves."""
     config_cls, trainer_cls = ALGORITHMS[spec.get("algorithm", "gvpo")]
     config = config_cls(output_dir="outputs/mixed_buffer/run", seed=spec["seed"], max_steps=spec["steps"],
-                        learning_rate=spec["learning_rate"], **QUICKSTART, **spec.get("config", {}),
+                        learning_rate=spec["learning_rate"], **{**QUICKSTART, **spec.get("config", {})},
                         **spec.get("buffer", {}))  # fmt: skip
     trainer = trainer_cls(model=toy.default_model_path(), reward_funcs=toy.repeat_letter_reward, args=config,
                           train_dataset=toy.build_dataset(num_prompts=spec["num_prompts"], seed=0))  # fmt: skip

@@ -140,6 +140,40 @@ def test_reuse_cap_and_history_schedule(tmp_path):
     assert sum(h.get("buffer/reuse_evicted", 0) for h in logs) == trainer.buffer_stats["reuse_evicted"] > 0
 
 
+class SelectionProbeGVPOTrainer(GVPOTrainer):
+    """Records, per mixed generation, each prompt's candidates (uid, step, reward) and the plan the buffer made."""
+
+    def _plan(self, batch, prompts):
+        step, maxs = self.state.global_step, self.args.buffer_max_staleness
+        keys = list(dict.fromkeys(prompts))
+        cands = {k: self.sample_buffer.candidates(k, step, maxs) for k in keys}
+        before = {k: [(s.uid, s.step, s.rewards[0]) for s in c] for k, c in cands.items()}
+        super()._plan(batch, prompts)
+        self.rec.append({"candidates": before, "plan": batch.plan})
+
+
+def test_contrast_selection_gives_each_group_the_rewards_farthest_from_its_latest_mean(tmp_path):
+    trainer = _trainer(tmp_path, cls=SelectionProbeGVPOTrainer, max_steps=10, buffer_history_per_group=2,
+                       buffer_max_staleness=10, buffer_selection="contrast")  # fmt: skip
+    trainer.rec = []
+    trainer.train()
+    checked = 0
+    for r in trainer.rec:
+        for plan in r["plan"]:
+            cands = r["candidates"][plan.key]
+            if not cands:
+                continue
+            latest = max(step for _, step, _ in cands)
+            mean = sum(x for _, step, x in cands if step == latest) / sum(step == latest for _, step, _ in cands)
+            # the oracle: by distance from the latest mean, then newest (step, then uid)
+            order = sorted(cands, key=lambda c: (-abs(c[2] - mean), -c[1], -c[0]))
+            assert list(plan.historical) == [uid for uid, _, _ in order[: len(plan.historical)]], (plan, cands)
+            checked += 1
+    assert checked >= 8
+    logged = [h["buffer/signal_from_history"] for h in trainer.state.log_history if "buffer/signal_from_history" in h]
+    assert len(logged) == sum(any(p.historical for p in r["plan"]) for r in trainer.rec) and max(logged) > 0
+
+
 def _sequence_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
     """Σ_t log π(y_t | x, y_<t) over completion tokens, by a plain forward pass (independent of TRL's helper)."""
     ids = torch.cat([prompt_ids, completion_ids], 1)

@@ -4,6 +4,7 @@ history, schedules, selection rules, the plan of a generation batch and its equa
 import random
 
 import pytest
+import torch
 
 from gvpo_trl.buffer import (
     equalise_across_processes,
@@ -100,3 +101,63 @@ def test_equalisation_gives_every_process_the_same_counts_and_never_adds_history
         )
         if procs == 1:
             assert (new_hist, new_ext) == (hist, ext)
+
+
+def _scored_buffer(rows):
+    """A buffer of ``(key, step, rewards)`` rows (uids in order)."""
+    from gvpo_trl.buffer import SampleBuffer
+
+    buf = SampleBuffer(100)
+    for i, (key, step, rewards) in enumerate(rows):
+        buf.add(key, [i + 5, 2], f"{key}{i}", list(rewards), torch.tensor([-1.0, -0.5]), step)
+    return buf
+
+
+def test_signal_rules_choose_the_samples_that_give_a_group_reward_variance():
+    # all-failing recently (latest step 3: rewards 0, 0), one past success at step 1
+    buf = _scored_buffer([("a", 1, [1.0]), ("a", 2, [0.25]), ("a", 3, [0.0]), ("a", 3, [0.0])])
+    cands = buf.candidates("a", 4, 10)
+    assert [s.uid for s in select_historical(cands, 2, "newest")] == [3, 2]
+    assert [s.uid for s in select_historical(cands, 2, "contrast")] == [0, 1]  # |1 - 0| = 1, then |0.25 - 0|
+    assert [s.uid for s in select_historical(cands, 2, "highest")] == [0, 1]
+    # all-correct recently: contrast brings the past failure, highest does not
+    buf = _scored_buffer([("b", 1, [0.0]), ("b", 2, [1.0]), ("b", 3, [1.0]), ("b", 3, [0.5])])
+    cands = buf.candidates("b", 4, 10)  # latest mean (1.0 + 0.5) / 2 = 0.75
+    assert [s.uid for s in select_historical(cands, 2, "contrast")] == [0, 3]  # |0 - .75| = .75, then .25 (newest)
+    assert [s.uid for s in select_historical(cands, 2, "highest")] == [2, 1]  # reward 1.0 twice, newest first
+    # no contrast to gain (every candidate equally far from the latest mean): contrast is newest
+    buf = _scored_buffer([("c", 1, [0.0]), ("c", 2, [1.0]), ("c", 3, [0.0]), ("c", 3, [1.0])])
+    cands = buf.candidates("c", 4, 10)
+    assert select_historical(cands, 3, "contrast") == select_historical(cands, 3, "newest")
+
+
+def test_signal_rules_weigh_reward_functions_as_trl_does():
+    from gvpo_trl.buffer.planning import sample_reward
+
+    nan = float("nan")
+    buf = _scored_buffer([("a", 1, [1.0, 0.0]), ("a", 2, [0.0, 1.0]), ("a", 3, [0.0, 0.0]), ("a", 3, [1.0, nan])])
+    assert sample_reward(buf[3], (0.5, 2.0)) == 0.5  # NaN (a function returned None) counts 0
+    assert sample_reward(buf[1]) == 1.0  # unweighted: weights 1
+    cands = buf.candidates("a", 4, 10)  # latest step 3: totals [0, w0]; the rule's pick flips with the weights
+    assert [s.uid for s in select_historical(cands, 1, "highest", reward_weights=(1.0, 0.0))] == [3]
+    assert [s.uid for s in select_historical(cands, 1, "highest", reward_weights=(0.0, 1.0))] == [1]
+    plan = plan_groups(["a"], [False], buf, k=4, num_historical=1, step=4, max_staleness=10, selection="highest",
+                       seed=0, reward_weights=(0.0, 1.0))  # fmt: skip
+    assert plan[0].historical == (1,)
+
+
+def test_signal_from_history_counts_groups_whose_variance_comes_only_from_reused_members():
+    from gvpo_trl.buffer.accounting import signal_from_history
+    from gvpo_trl.buffer.planning import GroupPlan
+
+    plan = [GroupPlan("a", (7, 8), False, 2), GroupPlan("b", (9,), True, 1), GroupPlan("c", (), False, 0),
+            GroupPlan("d", (1, 2), False, 2)]  # fmt: skip
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0],  # fresh agree, history differs: counted
+                            [0.0, 1.0, 1.0, 1.0],  # fresh already differ: not counted
+                            [0.0, 0.0, 0.0, 0.0],  # no reused members: not counted
+                            [1.0, 1.0, 1.0, 1.0]]).view(-1, 1)  # agree with history too: not counted  # fmt: skip
+    assert signal_from_history(plan, 4, rewards, torch.ones(1)) == 0.25
+    rewards[4:7] = 0.0  # group b: fresh [0, 0], external 0, historical 1: now counted
+    assert signal_from_history(plan, 4, rewards, torch.ones(1)) == 0.5
+    rewards[7] = float("nan")  # its historical reward unscorable: left out, the rest agree
+    assert signal_from_history(plan, 4, rewards, torch.ones(1)) == 0.25

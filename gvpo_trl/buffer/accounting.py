@@ -38,3 +38,16 @@ def fresh_reward(plan: list[GroupPlan], k: int, rewards_per_func: torch.Tensor, 
     total = aggregate_rewards(rewards_per_func.detach().float().cpu(), weights.detach().cpu())
     fresh = torch.tensor([pos < p.num_fresh(k) for p in plan for pos in range(k)])
     return torch.nanmean(total[fresh]).item()
+
+
+def signal_from_history(plan: list[GroupPlan], k: int, rewards_per_func: torch.Tensor, weights: torch.Tensor) -> float:
+    """Share of a plan's groups whose rewards vary although their fresh members all scored the same: groups that
+    have a gradient (group-centred rewards not all 0) only thanks to their historical or external members."""
+    total = aggregate_rewards(rewards_per_func.detach().float().cpu(), weights.detach().cpu()).view(len(plan), k)
+    gained = 0
+    for p, rewards in zip(plan, total, strict=True):
+        fresh, others = rewards[: p.num_fresh(k)], rewards[p.num_fresh(k) :]
+        fresh, others = fresh[~fresh.isnan()], others[~others.isnan()]
+        fresh_agree = fresh.unique().numel() <= 1
+        gained += int(len(others) > 0 and fresh_agree and torch.cat([fresh, others]).unique().numel() > 1)
+    return gained / len(plan)

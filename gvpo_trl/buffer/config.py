@@ -33,8 +33,10 @@ class BufferArgs:
     buffer_selection: str = field(
         default="newest",
         metadata={
-            "help": "Which historical samples a group gets: 'newest' first, 'oldest' first, or 'uniform' at random "
-            "(seeded by the run seed, the step and the prompt, so every process draws the same).",
+            "help": "Which historical samples a group gets: by age, 'newest' first, 'oldest' first, or 'uniform' at "
+            "random (seeded by the run seed, the step and the prompt, so every process draws the same); by signal, "
+            "'contrast' (rewards farthest from the prompt's latest mean reward: reward variance in groups whose fresh "
+            "members would agree) or 'highest' (best rewards first).",
             "choices": list(SELECTION_RULES),
         },
     )

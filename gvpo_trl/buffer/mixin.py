@@ -30,7 +30,7 @@ from ..checkpoint_integrity import check_buffer_state
 from ..checkpoints import checkpoint_dir
 from ..columns import BEHAVIOUR_LOGPS, IS_EXTERNAL, IS_HISTORICAL
 from ..generation_checks import policy_vocab_size
-from .accounting import STAT_NAMES, fresh_reward, generated_lengths, plan_metrics
+from .accounting import STAT_NAMES, fresh_reward, generated_lengths, plan_metrics, signal_from_history
 from .config import BufferArgs, buffer_enabled, check_buffer_config
 from .members import (
     FRESH,
@@ -224,6 +224,7 @@ class BufferMixin:
             selection=self.args.buffer_selection,
             seed=self.args.seed,
             num_processes=self.accelerator.num_processes,
+            reward_weights=tuple(self.reward_weights.tolist()),
         )
         start = self.accelerator.process_index * len(externals)
         for plan, ext in zip(batch.plan[start : start + len(externals)], externals, strict=True):
@@ -264,6 +265,10 @@ class BufferMixin:
         if self.history_per_group:
             metrics["buffer/history_per_group"].append(float(batch.num_historical))
         metrics["buffer/fresh_reward"].append(fresh_reward(batch.plan, k, batch.rewards_per_func, self.reward_weights))
+        if any(p.num_fresh(k) < k for p in batch.plan):
+            metrics["buffer/signal_from_history"].append(
+                signal_from_history(batch.plan, k, batch.rewards_per_func, self.reward_weights)
+            )
         self.buffer_stats["historical_rows"] += sum(len(p.historical) for p in batch.plan)
         self.buffer_stats["external_rows"] += sum(int(p.external) for p in batch.plan)
         if any(p.historical for p in batch.plan):

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from .store import Sample, SampleBuffer
 
-#: Selection rules for the historical members of a group.
-SELECTION_RULES = ("newest", "oldest", "uniform")
+#: Selection rules for the historical members of a group: by age (``newest``, ``oldest``, ``uniform``) or by the
+#: signal a sample adds to its group (``contrast``, ``highest``; see :func:`select_historical`).
+SELECTION_RULES = ("newest", "oldest", "uniform", "contrast", "highest")
 #: Schedules of the historical members per group over a run.
 HISTORY_SCHEDULES = ("constant", "linear", "step")
 
@@ -84,13 +85,41 @@ def selection_seed(seed: int, step: int, key: str, occurrence: int = 0) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def select_historical(candidates: list[Sample], n: int, rule: str, rng: random.Random | None = None) -> list[Sample]:
-    """Up to ``n`` of ``candidates``: the ``newest`` or ``oldest`` (by step, then insertion), or ``uniform`` at random
-    without replacement (``rng`` required)."""
+def sample_reward(sample: Sample, weights: tuple[float, ...] | None = None) -> float:
+    """A stored sample's total reward as TRL sums it: the weighted sum over reward functions, NaN (a function that
+    returned None) counting 0. ``weights`` default to 1 each."""
+    weights = weights or (1.0,) * len(sample.rewards)
+    return sum(w * r for w, r in zip(weights, sample.rewards, strict=True) if not math.isnan(r))
+
+
+def select_historical(
+    candidates: list[Sample],
+    n: int,
+    rule: str,
+    rng: random.Random | None = None,
+    reward_weights: tuple[float, ...] | None = None,
+) -> list[Sample]:
+    """Up to ``n`` of ``candidates`` (samples of one prompt).
+
+    By age: the ``newest`` or ``oldest`` (by step, then insertion), or ``uniform`` at random without replacement
+    (``rng`` required). By signal: ``contrast`` takes the samples whose reward is farthest from the mean reward of the
+    prompt's newest candidates (those of the latest step: the best estimate of what its fresh members will score), so
+    that a group whose fresh members are likely all to fail gets a past success and an all-correct one a past failure:
+    reward variance, hence a gradient, without generating more; ``highest`` takes the best-rewarded samples (replaying
+    successes). Both break ties newest first, so ``contrast`` is ``newest`` when every candidate is equally far.
+    """
     if n <= 0 or not candidates:
         return []
+    newest_first = sorted(candidates, key=lambda s: (s.step, s.uid), reverse=True)
     if rule == "newest":
-        return sorted(candidates, key=lambda s: (s.step, s.uid), reverse=True)[:n]
+        return newest_first[:n]
+    if rule in ("contrast", "highest"):
+        rewards = {s.uid: sample_reward(s, reward_weights) for s in candidates}
+        if rule == "highest":
+            return sorted(newest_first, key=lambda s: -rewards[s.uid])[:n]  # stable sort: ties stay newest first
+        latest = [rewards[s.uid] for s in newest_first if s.step == newest_first[0].step]
+        expected = sum(latest) / len(latest)
+        return sorted(newest_first, key=lambda s: -abs(rewards[s.uid] - expected))[:n]
     if rule == "oldest":
         return sorted(candidates, key=lambda s: (s.step, s.uid))[:n]
     if rule == "uniform":
@@ -166,13 +195,15 @@ def plan_groups(
     selection: str,
     seed: int,
     num_processes: int = 1,
+    reward_weights: tuple[float, ...] | None = None,
 ) -> list[GroupPlan]:
     """The plan of a whole generation batch (all processes' groups, in process order), from the buffer as it is.
 
     Each group gets its external member when one is available, and ``min(num_historical, k − 1 − external)`` historical
     samples of its prompt that are at most ``max_staleness`` steps old, fewer when the buffer has fewer (then more
-    fresh rows). A sample serves at most one group of the batch. :func:`equalise_across_processes` then evens out the
-    per-process counts. A pure function of its arguments: every process computes the same plan.
+    fresh rows), chosen by ``selection`` (signal rules weigh the reward functions by ``reward_weights``). A sample
+    serves at most one group of the batch. :func:`equalise_across_processes` then evens out the per-process counts.
+    A pure function of its arguments: every process computes the same plan.
     """
     used: set[int] = set()
     occurrences: dict[str, int] = {}
@@ -182,7 +213,8 @@ def plan_groups(
         occurrences[key] = occurrence + 1
         want = min(num_historical, k - 1 - int(ext))
         rng = random.Random(selection_seed(seed, step, key, occurrence)) if selection == "uniform" else None
-        picks = select_historical(buffer.candidates(key, step, max_staleness, used), want, selection, rng)
+        candidates = buffer.candidates(key, step, max_staleness, used)
+        picks = select_historical(candidates, want, selection, rng, reward_weights)
         used.update(s.uid for s in picks)
         chosen.append(tuple(s.uid for s in picks))
         wanted.append(want)

@@ -1,7 +1,8 @@
-"""A conversational task for real chat models, generated locally (nothing downloaded): small additions.
+"""A conversational task for real chat models, generated locally (nothing downloaded): small additions and chain sums.
 
-Each prompt is one user message, ``"What is 7 + 5? Reply with only the number."`` (operands 1..``MAX_OPERAND``), and
-the reward (:func:`addition_reward`, in [0, 1]) grades the assistant's reply:
+Each prompt is one user message, ``"What is 7 + 5? Reply with only the number."`` (operands 1..``MAX_OPERAND``;
+with ``terms=3``, a chain sum: ``"What is 7 + 5 + 2? Reply with only the number."``), and the reward
+(:func:`addition_reward`, in [0, 1]) grades the assistant's reply:
 
 - 1.0: the reply is exactly the right number (whitespace and a trailing period aside);
 - 0.5: the right number appears in the reply among other text (``"7 + 5 = 12"``);
@@ -15,39 +16,40 @@ group-relative methods get a signal from the first step; see docs/real_model.md.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 
 MAX_OPERAND = 9
-TEMPLATE = "What is {a} + {b}? Reply with only the number."
+TEMPLATE = "What is {terms}? Reply with only the number."
 _NUMBER = re.compile(r"-?\d+")
 
 
-def addition_pairs(seed: int = 0, max_operand: int = MAX_OPERAND) -> list[tuple[int, int]]:
-    """All ordered pairs ``(a, b)`` with ``1 <= a, b <= max_operand``, shuffled with ``seed``."""
-    pairs = [(a, b) for a in range(1, max_operand + 1) for b in range(1, max_operand + 1)]
+def addition_pairs(seed: int = 0, max_operand: int = MAX_OPERAND, terms: int = 2) -> list[tuple[int, ...]]:
+    """All ordered tuples of ``terms`` operands in ``1..max_operand``, shuffled with ``seed``."""
+    if terms < 2:
+        raise ValueError(f"a sum needs at least 2 terms, got terms={terms}")
+    pairs = list(itertools.product(range(1, max_operand + 1), repeat=terms))
     random.Random(seed).shuffle(pairs)
     return pairs
 
 
-def make_prompt(a: int, b: int) -> list[dict[str, str]]:
-    """The conversational prompt (one user turn) for ``a + b``."""
-    return [{"role": "user", "content": TEMPLATE.format(a=a, b=b)}]
+def make_prompt(*operands: int) -> list[dict[str, str]]:
+    """The conversational prompt (one user turn) for ``a + b (+ c ...)``."""
+    return [{"role": "user", "content": TEMPLATE.format(terms=" + ".join(map(str, operands)))}]
 
 
-def build_datasets(num_eval: int = 32, seed: int = 0, max_operand: int = MAX_OPERAND):
+def build_datasets(num_eval: int = 32, seed: int = 0, max_operand: int = MAX_OPERAND, terms: int = 2):
     """``(train, eval)`` ``datasets.Dataset``s with a conversational ``prompt`` column and an ``answer`` column
-    (the sum, as a string). The ``num_eval`` held-out pairs never occur in the training set."""
+    (the sum, as a string). The ``num_eval`` held-out sums never occur in the training set."""
     from datasets import Dataset
 
-    pairs = addition_pairs(seed, max_operand)
+    pairs = addition_pairs(seed, max_operand, terms)
     if not 0 < num_eval < len(pairs):
         raise ValueError(f"num_eval must be between 1 and {len(pairs) - 1}")
 
     def dataset(rows):
-        return Dataset.from_dict(
-            {"prompt": [make_prompt(a, b) for a, b in rows], "answer": [str(a + b) for a, b in rows]}
-        )
+        return Dataset.from_dict({"prompt": [make_prompt(*r) for r in rows], "answer": [str(sum(r)) for r in rows]})
 
     return dataset(pairs[num_eval:]), dataset(pairs[:num_eval])
 
