@@ -62,6 +62,13 @@ def stage_arms(stage: str, lr: float, steps: int) -> dict[str, dict]:
             "highest, same steps": rule("highest", steps),
             "newest, 2x steps": rule("newest", 2 * steps),
             "contrast, 2x steps": rule("contrast", 2 * steps),
+            "highest, 2x steps": rule("highest", 2 * steps),
+            "highest, 1 of 4, same steps": arm(
+                lr, steps, dict(HISTORY, buffer_selection="highest", buffer_history_per_group=1)
+            ),  # fmt: skip
+            "highest, 3 of 4, same steps": arm(
+                lr, steps, dict(HISTORY, buffer_selection="highest", buffer_history_per_group=3)
+            ),  # fmt: skip
             "recipe (half lr, 2x steps)": arm(
                 lr / 2, 2 * steps, dict(HISTORY, buffer_selection="newest", buffer_max_drift=0.15), dict(gvpo_beta=0.3)
             ),  # fmt: skip
@@ -72,9 +79,9 @@ def stage_arms(stage: str, lr: float, steps: int) -> dict[str, dict]:
         return {
             "fresh (constant)": arm(lr, steps, schedule=CONSTANT),
             "newest (constant)": rule("newest", lr),
-            "contrast (constant)": rule("contrast", lr),
+            "highest (constant)": rule("highest", lr),
             "newest, half lr (constant)": rule("newest", lr / 2),
-            "contrast, half lr (constant)": rule("contrast", lr / 2),
+            "highest, half lr (constant)": rule("highest", lr / 2),
         }
     raise ValueError(stage)
 

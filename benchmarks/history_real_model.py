@@ -4,7 +4,7 @@ learning-rate decay with a 10 % warm-up, the same learning rate, the same number
 
 - ``grpo``: TRL's ``GRPOTrainer`` (with the buffer's token counter only: ``BufferMixin`` with the buffer off);
 - ``gvpo``: GVPO, every member generated;
-- ``gvpo-history``: GVPO with 2 of each group of 4 from history, chosen by ``--selection`` (default ``contrast``);
+- ``gvpo-history``: GVPO with 2 of each group of 4 from history, chosen by ``--selection`` (default ``highest``);
 - ``gvpo-external``: GVPO with one member per group from the correct reference answer
   (``external_completions_column``: the demonstrations GVPO's Theorem 2 allows).
 
@@ -104,6 +104,11 @@ def train_one(spec: dict) -> dict:
 
 def run_in_subprocess(spec: dict, out: str) -> dict:
     path = os.path.join(out, f"run_{spec['arm']}_{spec['seed']}.json")
+    if os.path.exists(path) and os.path.getsize(path):  # finished by an earlier, interrupted invocation
+        with open(path) as f:
+            run = json.load(f)
+        if run["spec"] == spec:
+            return run
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     log = open(path + ".log", "w")
     subprocess.run([sys.executable, __file__, "--one", json.dumps(spec), "--one_out", path], env=env, check=True,
@@ -178,7 +183,7 @@ def main(argv=None):
     parser.add_argument("--num_eval", type=int, default=32)
     parser.add_argument("--eval_samples", type=int, default=2)
     parser.add_argument("--eval_every", type=int, default=20)
-    parser.add_argument("--selection", default="contrast", help="buffer_selection of the gvpo-history arm")
+    parser.add_argument("--selection", default="highest", help="buffer_selection of the gvpo-history arm")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--output_dir", default="outputs/history_real_model")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)

@@ -3,6 +3,7 @@ generated, the GVPO loss on a mixed group, external completions, agreement acros
 processes, and save / kill / resume."""
 
 import json
+import warnings
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -419,3 +420,13 @@ def test_save_kill_resume_continues_bit_for_bit(tmp_path):
     assert max(history(full, "buffer/historical_share")) > 0
     for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=False):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("algorithm", ["gspo", "gpg"])
+def test_reward_based_selection_warns_where_importance_weights_cannot_correct_it(tmp_path, algorithm):
+    with pytest.warns(UserWarning, match="biased towards the chosen rewards"):
+        make_trainer(algorithm, tmp_path, buffer_history_per_group=2, buffer_selection="highest")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*biased towards the chosen rewards")
+        make_trainer(algorithm, tmp_path, buffer_history_per_group=2, buffer_selection="newest")
+        make_trainer("gvpo", tmp_path, buffer_history_per_group=2, buffer_selection="highest")  # exact for GVPO

@@ -22,6 +22,7 @@ While TRL makes one generation batch, a :class:`~gvpo_trl.buffer.members.MixedBa
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -44,7 +45,13 @@ from .members import (
     splice_turn_fields,
 )
 from .persistence import load_buffer, save_buffer
-from .planning import plan_groups, resolve_history_horizon, resolve_num_historical, scheduled_num_historical
+from .planning import (
+    SIGNAL_RULES,
+    plan_groups,
+    resolve_history_horizon,
+    resolve_num_historical,
+    scheduled_num_historical,
+)
 from .row_state import rows_of
 from .store import SampleBuffer, prompt_key
 
@@ -92,6 +99,16 @@ class BufferMixin:
                 f"completions (external_completions_column={column!r}) need them too: set external_logps_column to "
                 "a column with one log-prob per completion token (the completion column then holds token ids). "
                 "GVPOTrainer accepts external completions without log-probs."
+            )
+        if self.history_per_group and self.needs_behaviour_logps and args.buffer_selection in SIGNAL_RULES:
+            warnings.warn(
+                f"{name}: buffer_selection={args.buffer_selection!r} chooses historical members by their reward, so "
+                "they are no longer samples of the policy that generated them, and this trainer's importance weights "
+                "(pi_theta / pi_b) do not correct for that choice: the update is biased towards the chosen rewards. "
+                "GVPO needs no such weights (its Theorem 2 allows any sampling distribution); with this trainer "
+                "prefer an age rule ('newest', 'oldest', 'uniform').",
+                UserWarning,
+                stacklevel=2,
             )
         names = getattr(self.train_dataset, "column_names", None)
         for col in (column, logps_column):

@@ -18,6 +18,8 @@ from .store import Sample, SampleBuffer
 #: Selection rules for the historical members of a group: by age (``newest``, ``oldest``, ``uniform``) or by the
 #: signal a sample adds to its group (``contrast``, ``highest``; see :func:`select_historical`).
 SELECTION_RULES = ("newest", "oldest", "uniform", "contrast", "highest")
+#: The rules that choose by reward (exact for GVPO; a bias for importance-weighted losses).
+SIGNAL_RULES = ("contrast", "highest")
 #: Schedules of the historical members per group over a run.
 HISTORY_SCHEDULES = ("constant", "linear", "step")
 
@@ -113,7 +115,7 @@ def select_historical(
     newest_first = sorted(candidates, key=lambda s: (s.step, s.uid), reverse=True)
     if rule == "newest":
         return newest_first[:n]
-    if rule in ("contrast", "highest"):
+    if rule in SIGNAL_RULES:
         rewards = {s.uid: sample_reward(s, reward_weights) for s in candidates}
         if rule == "highest":
             return sorted(newest_first, key=lambda s: -rewards[s.uid])[:n]  # stable sort: ties stay newest first
