@@ -95,6 +95,12 @@ def test_addition_task_and_reward():
     assert answer == str(a + b)
     assert build_datasets(num_eval=24, seed=0)[1]["answer"] == held_out["answer"]  # seeded
     assert build_datasets(num_eval=24, seed=1)[1]["answer"] != held_out["answer"]
+    chains, held = build_datasets(num_eval=10, seed=0, max_operand=4, terms=3)  # chain sums: 4**3 = 64 prompts
+    assert len(chains) + len(held) == 64
+    terms = [int(x) for x in held[0]["prompt"][0]["content"].split("?")[0].removeprefix("What is ").split(" + ")]
+    assert len(terms) == 3 and max(terms) <= 4 and held[0]["answer"] == str(sum(terms))
+    with pytest.raises(ValueError, match="at least 2 terms"):
+        build_datasets(terms=1)
 
     assert [grade(r, "12") for r in ["12", " 12.\n", "7 + 5 = 12", "The answer is 12.", "13", "112", "twelve", ""]] == [
         1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.0, 0.0,
