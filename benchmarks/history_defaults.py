@@ -33,7 +33,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mixed_buffer import eval_prompts, final_heldout, mean_std, plot, summarise  # noqa: E402
+from mixed_buffer import eval_prompts, final_heldout, mean_std, plot, summarise, tokens_to_reach  # noqa: E402
 from mixed_buffer_study import Cache  # noqa: E402
 
 #: TRL's default schedule, with a warm-up
@@ -55,6 +55,7 @@ def stage_arms(stage: str, lr: float, steps: int) -> dict[str, dict]:
         return {f"fresh lr {x:g}": arm(x, steps) for x in FRESH_LRS}
     if stage == "rules":
         rule = lambda name, n: arm(lr, n, dict(HISTORY, buffer_selection=name))  # noqa: E731
+        rule_with = lambda name, n, **more: arm(lr, n, dict(HISTORY, buffer_selection=name, **more))  # noqa: E731
         return {
             "fresh": arm(lr, steps),
             "newest, same steps": rule("newest", steps),
@@ -72,6 +73,8 @@ def stage_arms(stage: str, lr: float, steps: int) -> dict[str, dict]:
             "recipe (half lr, 2x steps)": arm(
                 lr / 2, 2 * steps, dict(HISTORY, buffer_selection="newest", buffer_max_drift=0.15), dict(gvpo_beta=0.3)
             ),  # fmt: skip
+            "highest, drift<=0.15, 2x steps": rule_with("highest", 2 * steps, buffer_max_drift=0.15),
+            "highest, half lr, 2x steps": arm(lr / 2, 2 * steps, dict(HISTORY, buffer_selection="highest")),
         }
     if stage == "constant":
         rule = lambda name, x: arm(x, 3 * steps, dict(HISTORY, buffer_selection=name), schedule=CONSTANT,  # noqa: E731
@@ -100,19 +103,34 @@ def signal_share(run: dict) -> float:
     return statistics.fmean(values) if values else 0.0
 
 
+def matched_ratios(fresh_runs: list[dict], runs: list[dict]) -> list[float | None]:
+    """Per seed: tokens at which the arm first reaches its own seed's fresh-only final held-out reward, as a fraction
+    of that fresh-only run's tokens (None: not reached)."""
+    by_seed = {r["spec"]["seed"]: r for r in fresh_runs}
+    out = []
+    for r in runs:
+        fresh = by_seed[r["spec"]["seed"]]
+        reached = tokens_to_reach(r["eval_tokens"], r["heldout"], final_heldout(fresh))
+        out.append(None if reached is None else reached / fresh["eval_tokens"][-1])
+    return out
+
+
 def report(results: dict[str, list[dict]], title: str, path_base: str) -> str:
     fresh_runs = next(iter(results.values()))
     lines = [title, "", "| arm | lr | steps | seeds reaching fresh final | tokens to it / fresh (per seed) "
-             "| seed-mean curve | final held-out | tokens spent / fresh | groups with signal only from history |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| seed-mean curve | seeds reaching their own seed's fresh final, tokens to it / fresh "
+             "| final held-out | tokens spent / fresh | groups with signal only from history |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, runs in results.items():
         s = summarise(fresh_runs, runs)
         reached = [x for x in s["ratios"] if x is not None]
         ratio = mean_std(reached) + ("" if len(reached) == len(runs) or not reached else " (of those reaching)")
         curve = "—" if s["ratio_of_mean_curve"] is None else f"{s['ratio_of_mean_curve']:.2f}"
         steps = statistics.fmean(r["eval_steps"][-1] for r in runs)
+        matched = [x for x in matched_ratios(fresh_runs, runs) if x is not None]
+        matched_cell = f"{len(matched)}/{len(runs)}: {mean_std(matched)}"
         lines.append(f"| {name} | {runs[0]['spec']['learning_rate']:g} | {steps:.0f} | {s['reached']}/{len(runs)} "
-                     f"| {ratio} | {curve} | {mean_std(s['final_heldout'])} | {mean_std(s['tokens'])} "
+                     f"| {ratio} | {curve} | {matched_cell} | {mean_std(s['final_heldout'])} | {mean_std(s['tokens'])} "
                      f"| {mean_std([signal_share(r) for r in runs])} |")  # fmt: skip
     text = "\n".join(lines)
     print(text)
