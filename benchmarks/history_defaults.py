@@ -75,6 +75,8 @@ def stage_arms(stage: str, lr: float, steps: int) -> dict[str, dict]:
             ),  # fmt: skip
             "highest, drift<=0.15, 2x steps": rule_with("highest", 2 * steps, buffer_max_drift=0.15),
             "highest, half lr, 2x steps": arm(lr / 2, 2 * steps, dict(HISTORY, buffer_selection="highest")),
+            "highest, scaled lr, 2x steps": rule_with("highest", 2 * steps, buffer_scale_lr=True),
+            "newest, scaled lr, 2x steps": rule_with("newest", 2 * steps, buffer_scale_lr=True),
         }
     if stage == "constant":
         rule = lambda name, x: arm(x, 3 * steps, dict(HISTORY, buffer_selection=name), schedule=CONSTANT,  # noqa: E731
@@ -85,6 +87,13 @@ def stage_arms(stage: str, lr: float, steps: int) -> dict[str, dict]:
             "highest (constant)": rule("highest", lr),
             "newest, half lr (constant)": rule("newest", lr / 2),
             "highest, half lr (constant)": rule("highest", lr / 2),
+            "highest, scaled lr (constant)": arm(
+                lr,
+                3 * steps,
+                dict(HISTORY, buffer_selection="highest", buffer_scale_lr=True),
+                schedule=CONSTANT,
+                budget=True,
+            ),  # fmt: skip
         }
     raise ValueError(stage)
 

@@ -74,6 +74,9 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
     # called via super(): checkpoint hooks where the trainer state beside the model is saved / restored
     "_save_checkpoint": ("self", "model", "trial"),
     "_load_optimizer_and_scheduler": ("self", "checkpoint"),
+    # transformers' Trainer, called via super(): returns the scheduler (a LambdaLR for every lr_scheduler_type but
+    # reduce_lr_on_plateau), whose factors buffer_scale_lr multiplies by the fresh share
+    "create_scheduler": ("self", "num_training_steps", "optimizer"),
     # called via super(): the run identity is checked against the checkpoint before transformers loads it
     "train": ("self", "resume_from_checkpoint"),
     # called via super(): the micro-step loss, checked for non-finite values (all processes) before the backward

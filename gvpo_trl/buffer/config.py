@@ -72,6 +72,15 @@ class BufferArgs:
             "an optimizer step count (a whole number > 1)."
         },
     )
+    buffer_scale_lr: bool = field(
+        default=False,
+        metadata={
+            "help": "Multiply the learning rate by the fresh share of each generation batch (1 before any history "
+            "exists, (k - h) / k when every group takes h): with history a run takes k / (k - h) optimizer steps per "
+            "generated token, and this keeps the policy's movement per generated token that of fresh-only training, "
+            "so the fresh-only learning rate can be kept. Needs a LambdaLR schedule (not reduce_lr_on_plateau)."
+        },
+    )
     buffer_capacity: int = field(
         default=65536,
         metadata={"help": "Most samples the buffer holds; the oldest are evicted first."},
@@ -132,13 +141,19 @@ def check_buffer_config(args: Any, name: str) -> None:
     except ValueError as error:
         raise ValueError(f"{name}: {error}.") from None
     if not args.buffer_history_per_group:
-        defaults = {"buffer_max_drift": 0, "buffer_max_reuse": 0, "buffer_history_schedule": "constant"}
+        defaults = {"buffer_max_drift": 0, "buffer_max_reuse": 0, "buffer_history_schedule": "constant",
+                    "buffer_scale_lr": False}  # fmt: skip
         tuned = [f for f, default in defaults.items() if getattr(args, f) != default]
         if tuned:
             raise ValueError(
                 f"{name}: {', '.join(tuned)} has no effect with buffer_history_per_group=0 (no historical members). "
                 "Set buffer_history_per_group, or leave them at their defaults."
             )
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if args.buffer_scale_lr and schedule == "reduce_lr_on_plateau":
+        raise ValueError(f"{name}: buffer_scale_lr=True scales the factors of a LambdaLR schedule; "
+                         "lr_scheduler_type='reduce_lr_on_plateau' has none. Use another schedule, or "
+                         "buffer_scale_lr=False.")  # fmt: skip
     if not isinstance(args.buffer_capacity, int) or args.buffer_capacity < 1:
         raise ValueError(f"{name}: buffer_capacity must be an integer >= 1, got {args.buffer_capacity!r}.")
     if args.buffer_rescore and not args.buffer_history_per_group:

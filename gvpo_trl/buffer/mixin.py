@@ -53,6 +53,7 @@ from .planning import (
     scheduled_num_historical,
 )
 from .row_state import rows_of
+from .step_size import ScaledSchedule, fresh_share, scale_schedule
 from .store import SampleBuffer, prompt_key
 
 
@@ -69,6 +70,8 @@ class BufferMixin:
     _mixed_batch: MixedBatch | None = None
     #: Counters of generated / reused rows; None for a trainer built without ``__init__`` (nothing is counted then).
     buffer_stats: dict[str, int] | None = None
+    #: The schedule scaled by the fresh share (``buffer_scale_lr``), made with the scheduler.
+    _lr_schedule: ScaledSchedule | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -213,6 +216,12 @@ class BufferMixin:
             load_buffer(checkpoint, self.sample_buffer, self.buffer_stats, required=self._buffer_enabled,
                         name=type(self).__name__, validate=validate)  # fmt: skip
 
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.args.buffer_scale_lr and self._lr_schedule is None:
+            self._lr_schedule = scale_schedule(scheduler, type(self).__name__)
+        return scheduler
+
     # --- the steps of a mixed generation batch ---
 
     def _plan(self, batch: MixedBatch, prompts: list) -> None:
@@ -276,6 +285,16 @@ class BufferMixin:
                 (columns[IS_HISTORICAL] | columns[IS_EXTERNAL]).view(-1, *([1] * (ratio.dim() - 1))), 1.0
             )
         metrics, k = self._metrics["train"], self.num_generations
+        if self.args.buffer_scale_lr:
+            if self._lr_schedule is None:  # e.g. a DeepSpeed config that brings its own scheduler
+                raise RuntimeError(
+                    f"{type(self).__name__}: buffer_scale_lr=True, but the learning-rate schedule was not made by "
+                    "Trainer.create_scheduler (a DeepSpeed config with its own 'scheduler'?). Remove that scheduler "
+                    "from the DeepSpeed config (Trainer then makes it from lr_scheduler_type), or set "
+                    "buffer_scale_lr=False."
+                )
+            self._lr_schedule.set_scale(fresh_share(batch.plan, k))
+            metrics["buffer/lr_scale"].append(self._lr_schedule.scale)
         for key, value in plan_metrics(batch.plan, k, batch.step, self.sample_buffer).items():
             if key != "buffer/external_share" or self.args.external_completions_column:
                 metrics[key].append(value)
