@@ -144,6 +144,7 @@ def summarise(results: dict[str, list[dict]]) -> str:
     targets = {ref: statistics.fmean(final(by_seed[ref][s]) for s in seeds) for ref in refs}
     for arm, runs in by_seed.items():
         runs = [runs[s] for s in seeds]
+        external = 1 / runs[0]["spec"]["k"] if arm == "gvpo-external" else 0.0  # one member of each group
         total = [by_seed["gvpo"][s]["eval_tokens"][-1] for s in seeds]
         cells = []
         for ref in ("grpo", "gvpo"):
@@ -160,7 +161,8 @@ def summarise(results: dict[str, list[dict]]) -> str:
             curve.append("—" if reached is None else f"{reached / statistics.fmean(total):.2f}")
         equal = [interpolate(by_seed["gvpo"][s]["eval_tokens"], by_seed["gvpo"][s]["heldout"], r["eval_tokens"][-1])
                  for s, r in zip(seeds, runs, strict=True)]  # fmt: skip
-        share = [statistics.fmean(p.get("historical_share", 0.0) for p in r["points"]) for r in runs]
+        share = [statistics.fmean(p.get("historical_share", 0.0) + p.get("external_share", external)
+                                  for p in r["points"]) for r in runs]  # fmt: skip
         lines.append(f"| {arm} | {mean_std([final(r) for r in runs])} "
                      f"| {mean_std([r['eval_tokens'][-1] / t for r, t in zip(runs, total, strict=True)])} "
                      f"| {cells[0]} | {cells[1]} | {', '.join(curve)} | {mean_std(equal)} "

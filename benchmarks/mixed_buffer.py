@@ -119,7 +119,7 @@ def heldout_reward(trainer, prompts: list[str], seed: int = 1234) -> float:
 
 
 #: buffer metrics recorded per generation (when logged)
-RECORDED = ("historical_share", "mean_drift", "drift_evicted", "signal_from_history")
+RECORDED = ("historical_share", "external_share", "mean_drift", "drift_evicted", "signal_from_history", "lr_scale")
 
 
 class Recorder(TrainerCallback):
