@@ -2,7 +2,8 @@
 
 One module per concept: ``store`` (the samples, keyed by prompt), ``planning`` (which samples a group gets: pure
 functions), ``members`` (one record per row of a mixed generation batch, and the pure functions over them),
-``accounting`` (what is counted and logged), ``persistence`` (the buffer in a checkpoint), ``config`` (the
+``accounting`` (what is counted and logged), ``step_size`` (the learning rate scaled by the fresh share),
+``persistence`` (the buffer in a checkpoint), ``config`` (the
 ``buffer_*`` fields and their checks) and ``mixin`` (the TRL wiring).
 See ``docs/mixed_buffers.md`` for the semantics and for how a loss uses the columns it adds.
 """
