@@ -15,7 +15,8 @@ held-out reward, and the held-out reward of fresh GVPO at the arm's own final to
 (arm, seed) runs in its own single-threaded subprocess, ``--jobs`` at a time, cached in ``--output_dir``/runs.jsonl.
 Writes ``history_real_model.md`` and ``.png`` there:
 
-    OMP_NUM_THREADS=1 python benchmarks/history_real_model.py --jobs 2   # 4 arms x 3 seeds x 100 steps: ~2 h of CPU
+    OMP_NUM_THREADS=1 python benchmarks/history_real_model.py --jobs 2   # 4 arms x 3 seeds x 100 steps: ~3.5 h of CPU
+    OMP_NUM_THREADS=1 python benchmarks/history_real_model.py --probe    # the untrained model on candidate tasks
 """
 
 from __future__ import annotations
@@ -100,6 +101,34 @@ def train_one(spec: dict) -> dict:
     steps, tokens, values = (list(x) for x in zip(*recorder.evals, strict=True))
     return {"spec": spec, "eval_steps": steps, "eval_tokens": tokens, "heldout": values, "points": recorder.points,
             "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def probe_tasks(samples: int = 4, num: int = 32, max_completion_length: int = 16) -> None:
+    """The untrained model on candidate tasks: mean reward and the share of groups of ``samples`` whose rewards
+    differ (a group-relative method needs those from the start)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gvpo_trl.demo.chat_tasks import build_datasets, grade
+    from gvpo_trl.demo.smollm2 import materialize_smollm2
+
+    torch.set_num_threads(1)
+    path = materialize_smollm2()
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    for terms, max_operand in ((2, 9), (2, 19), (3, 9)):
+        _, held = build_datasets(num_eval=num, seed=0, max_operand=max_operand, terms=terms)
+        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in held["prompt"]]
+        torch.manual_seed(0)
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
+        out = model.generate(**enc, do_sample=True, temperature=1.0, max_new_tokens=max_completion_length,
+                             num_return_sequences=samples, pad_token_id=tok.pad_token_id)  # fmt: skip
+        replies = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        rewards = [grade(r, a) for r, a in zip(replies, [a for a in held["answer"] for _ in range(samples)],
+                                                strict=True)]  # fmt: skip
+        groups = [rewards[i : i + samples] for i in range(0, len(rewards), samples)]
+        varied = sum(len(set(g)) > 1 for g in groups) / len(groups)
+        print(f"{terms} terms, operands 1..{max_operand}: mean reward {statistics.fmean(rewards):.3f}, "
+              f"groups with reward variance {varied:.2f}", flush=True)  # fmt: skip
 
 
 def run_in_subprocess(spec: dict, out: str) -> dict:
@@ -188,9 +217,12 @@ def main(argv=None):
     parser.add_argument("--selection", default="highest", help="buffer_selection of the gvpo-history arm")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--output_dir", default="outputs/history_real_model")
+    parser.add_argument("--probe", action="store_true", help="only the untrained model on candidate tasks")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--one_out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe:
+        return probe_tasks()
     if args.one:
         with open(args.one_out, "w") as f:
             json.dump(train_one(json.loads(args.one)), f)
