@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 ARMS = ("gvpo", "gvpo-lora", "gpg", "gspo", "grpo", "gvpo-mixed")
-#: gvpo-mixed: the earlier mixed-buffer recipe (docs/mixed_buffers.md; half of each group from history, half the learning
-#: rate, β = 0.3, a drift guard) for twice the steps, so that it generates about as many tokens as the gvpo arm.
+#: gvpo-mixed: the earlier mixed-buffer recipe (docs/mixed_buffers.md; half of each group from history, half the
+#: learning rate, β = 0.3, a drift guard) for twice the steps, so that it generates about as many tokens as gvpo.
 MIXED_RECIPE = dict(buffer_history_per_group=0.5, buffer_max_staleness=32, buffer_selection="newest",
                     buffer_max_drift=0.15, gvpo_beta=0.3)  # fmt: skip
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
