@@ -132,7 +132,8 @@ def probe_tasks(samples: int = 4, num: int = 32, max_completion_length: int = 16
 
 
 def run_in_subprocess(spec: dict, out: str) -> dict:
-    path = os.path.join(out, f"run_{spec['arm']}_{spec['seed']}.json")
+    rule = f"_{spec['selection']}" if "selection" in spec else ""
+    path = os.path.join(out, f"run_{spec['arm']}{rule}_{spec['seed']}.json")
     if os.path.exists(path) and os.path.getsize(path):  # finished by an earlier, interrupted invocation
         with open(path) as f:
             run = json.load(f)
