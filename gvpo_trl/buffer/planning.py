@@ -13,6 +13,9 @@ import math
 import random
 from dataclasses import dataclass
 
+import torch
+
+from ..groups import aggregate_rewards
 from .store import Sample, SampleBuffer
 
 #: Selection rules for the historical members of a group: by age (``newest``, ``oldest``, ``uniform``) or by the
@@ -87,11 +90,18 @@ def selection_seed(seed: int, step: int, key: str, occurrence: int = 0) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def sample_rewards(samples: list[Sample], weights: tuple[float, ...] | None = None) -> list[float]:
+    """Stored samples' total rewards as the trainer sums them (:func:`gvpo_trl.groups.aggregate_rewards`: weighted over
+    reward functions, a function's NaN (None) output ignored), a sample with no reward at all counting 0.
+    ``weights`` default to 1 each."""
+    rewards = torch.tensor([s.rewards for s in samples], dtype=torch.float64)
+    weights = torch.ones(rewards.shape[1], dtype=torch.float64) if weights is None else torch.tensor(weights)
+    return aggregate_rewards(rewards, weights).nan_to_num(0.0).tolist()
+
+
 def sample_reward(sample: Sample, weights: tuple[float, ...] | None = None) -> float:
-    """A stored sample's total reward as TRL sums it: the weighted sum over reward functions, NaN (a function that
-    returned None) counting 0. ``weights`` default to 1 each."""
-    weights = weights or (1.0,) * len(sample.rewards)
-    return sum(w * r for w, r in zip(weights, sample.rewards, strict=True) if not math.isnan(r))
+    """One stored sample's total reward (:func:`sample_rewards`)."""
+    return sample_rewards([sample], weights)[0]
 
 
 def select_historical(
@@ -116,7 +126,7 @@ def select_historical(
     if rule == "newest":
         return newest_first[:n]
     if rule in SIGNAL_RULES:
-        rewards = {s.uid: sample_reward(s, reward_weights) for s in candidates}
+        rewards = dict(zip((s.uid for s in candidates), sample_rewards(candidates, reward_weights), strict=True))
         if rule == "highest":
             return sorted(newest_first, key=lambda s: -rewards[s.uid])[:n]  # stable sort: ties stay newest first
         latest = [rewards[s.uid] for s in newest_first if s.step == newest_first[0].step]

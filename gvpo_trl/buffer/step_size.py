@@ -29,8 +29,7 @@ class ScaledSchedule:
 
     def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR):
         self.scheduler, self.scale = scheduler, 1.0
-        self._factors = list(scheduler.lr_lambdas)
-        scheduler.lr_lambdas = [self._scaled(f) for f in self._factors]
+        scheduler.lr_lambdas = [self._scaled(f) for f in scheduler.lr_lambdas]
 
     def _scaled(self, factor: Callable[[int], float]) -> Callable[[int], float]:
         return lambda step: factor(step) * self.scale
